@@ -1,0 +1,101 @@
+"""Label definitions shared by the simulator, training and the edge runtime (one module, no copies).
+
+Pose offsets are "target minus current" along five axes. Axis i has two actions: ACTIONS[2*i] for a
+positive offset and ACTIONS[2*i + 1] for a negative one; HOLD is last. The sign conventions of each
+axis (what "clockwise" or "toward the marker" means geometrically) are fixed by the simulator
+(`devices/sim/pose.py`) and documented in the README.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+VIEWS: tuple[str, ...] = ("PLAX", "PSAX", "A4C", "A2C", "SC4C")
+OTHER = "OTHER"
+VIEW_LABELS: tuple[str, ...] = VIEWS + (OTHER,)  # model's view_logits order, [V+1]
+
+POSE_AXES: tuple[str, ...] = (
+    "slide_head_mm",    # + toward the patient's head, - toward the feet
+    "slide_left_mm",    # + toward the patient's left, - toward the right
+    "rotate_cw_deg",    # + clockwise about the beam axis, seen from behind the probe
+    "tilt_marker_deg",  # + fan the beam out of plane toward the marker side
+    "rock_marker_deg",  # + angle the beam in plane toward the marker
+)
+# One normalized unit per axis: a distance of 1 is "about one novice adjustment" away.
+POSE_SCALE = np.array([10.0, 10.0, 12.0, 10.0, 10.0], dtype=np.float64)
+
+ACTIONS: tuple[str, ...] = (
+    "SLIDE_HEAD", "SLIDE_FEET",
+    "SLIDE_LEFT", "SLIDE_RIGHT",
+    "ROTATE_CW", "ROTATE_CCW",
+    "TILT_MARKER", "TILT_AWAY",
+    "ROCK_MARKER", "ROCK_AWAY",
+    "HOLD",
+)
+HOLD = ACTIONS.index("HOLD")
+
+ACTION_TEXT: dict[str, str] = {
+    "SLIDE_HEAD": "Slide toward the patient's head",
+    "SLIDE_FEET": "Slide toward the patient's feet",
+    "SLIDE_LEFT": "Slide toward the patient's left",
+    "SLIDE_RIGHT": "Slide toward the patient's right",
+    "ROTATE_CW": "Rotate clockwise",
+    "ROTATE_CCW": "Rotate counter-clockwise",
+    "TILT_MARKER": "Tilt the beam toward the marker side",
+    "TILT_AWAY": "Tilt the beam away from the marker side",
+    "ROCK_MARKER": "Rock toward the marker",
+    "ROCK_AWAY": "Rock away from the marker",
+    "HOLD": "Hold still",
+}
+
+# Normalized pose distance under which the probe is "at" the target: the best action is HOLD.
+HOLD_RADIUS = 0.75
+# Normalized distance to the nearest target under which the frame is labelled as that view.
+VIEW_RADIUS = 2.0
+# Quality (0..1) at or above which an image is diagnostic (ASE-style grade 3 or better).
+QUALITY_DIAGNOSTIC = 0.6
+
+
+def view_index(name: str) -> int:
+    """Index of a view name in VIEW_LABELS; raises ValueError naming the valid ones."""
+    key = name.strip().upper()
+    if key not in VIEW_LABELS:
+        raise ValueError(f"unknown view '{name}': choose one of {', '.join(VIEW_LABELS)}")
+    return VIEW_LABELS.index(key)
+
+
+def pose_distance(offset: np.ndarray) -> np.ndarray:
+    """Normalized distance of pose offsets [..., 5] (0 at the target)."""
+    return np.linalg.norm(np.asarray(offset, dtype=np.float64) / POSE_SCALE, axis=-1)
+
+
+def best_action(offset: np.ndarray) -> np.ndarray:
+    """Best single action for pose offsets [..., 5] (target - current): index into ACTIONS.
+
+    HOLD inside HOLD_RADIUS; otherwise the axis with the largest normalized offset, in the
+    direction that reduces it. Moving along that axis always reduces the pose distance.
+    """
+    z = np.asarray(offset, dtype=np.float64) / POSE_SCALE
+    axis = np.argmax(np.abs(z), axis=-1)
+    sign_negative = np.take_along_axis(z, axis[..., None], axis=-1)[..., 0] < 0
+    action = 2 * axis + sign_negative.astype(np.int64)
+    return np.where(np.linalg.norm(z, axis=-1) <= HOLD_RADIUS, HOLD, action)
+
+
+def action_delta(action: int | str, step: float = 1.0) -> np.ndarray:
+    """Pose change [5] of one movement `action`, `step` normalized units long (HOLD -> zeros)."""
+    a = ACTIONS.index(action) if isinstance(action, str) else int(action)
+    if not 0 <= a < len(ACTIONS):
+        raise ValueError(f"unknown action {action!r}: choose one of {', '.join(ACTIONS)}")
+    delta = np.zeros(len(POSE_AXES))
+    if a != HOLD:
+        delta[a // 2] = (1.0 if a % 2 == 0 else -1.0) * step * POSE_SCALE[a // 2]
+    return delta
+
+# Model contract (DESIGN.md): one input, four named outputs, in this order.
+INPUT_NAME = "image"                      # float32 [B, 1, H, W], see devices.preprocess
+OUTPUT_NAMES: tuple[str, ...] = (
+    "view_logits",    # [B, V+1]  order VIEW_LABELS
+    "quality",        # [B, V]    0..1, image quality as each target view
+    "action_logits",  # [B, V, A] best action toward each target view, order ACTIONS
+    "pose_offset",    # [B, V, 5] target - current, order POSE_AXES, in POSE_SCALE units (normalized)
+)

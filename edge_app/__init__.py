@@ -1,0 +1,1 @@
+"""The bedside runtime: guidance engine (no Kivy, no torch), Kivy UI, headless and replay modes."""

@@ -1,0 +1,1 @@
+"""ONNX export, quantization, bundles, parity and benchmarks (needs the [export] extra)."""

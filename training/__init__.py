@@ -1,0 +1,1 @@
+"""Datasets, the multi-task guidance model, training and evaluation (needs the [train] extra)."""
