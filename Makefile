@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The CPU wheel of torch; plain `torch` would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
-UI_DEBS := xvfb xauth libgl1 libgl1-mesa-dri
+UI_DEBS := xvfb xauth libgl1 libgl1-mesa-dri libmtdev1
 
 .PHONY: install run test test-fast ui-deps bench clean
 
