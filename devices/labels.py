@@ -3,7 +3,7 @@
 Pose offsets are "target minus current" along five axes. Axis i has two actions: ACTIONS[2*i] for a
 positive offset and ACTIONS[2*i + 1] for a negative one; HOLD is last. The sign conventions of each
 axis (what "clockwise" or "toward the marker" means geometrically) are fixed by the simulator
-(`devices/sim/pose.py`) and documented in the README.
+and documented in `devices/sim/pose.py`.
 """
 from __future__ import annotations
 
@@ -83,6 +83,8 @@ def best_action(offset: np.ndarray) -> np.ndarray:
 
 def action_delta(action: int | str, step: float = 1.0) -> np.ndarray:
     """Pose change [5] of one movement `action`, `step` normalized units long (HOLD -> zeros)."""
+    if isinstance(action, str) and action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}: choose one of {', '.join(ACTIONS)}")
     a = ACTIONS.index(action) if isinstance(action, str) else int(action)
     if not 0 <= a < len(ACTIONS):
         raise ValueError(f"unknown action {action!r}: choose one of {', '.join(ACTIONS)}")

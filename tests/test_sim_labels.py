@@ -1,0 +1,125 @@
+"""Ground truth of the simulator: targets, quality, best action, view label, oracle guidance."""
+import numpy as np
+import pytest
+
+from devices.labels import ACTIONS, HOLD, action_delta, HOLD_RADIUS, OTHER, POSE_SCALE, VIEW_LABELS, VIEWS, pose_distance
+from tests.helpers_sim import CLEAR_SEEDS, probe
+
+
+@pytest.mark.parametrize("seed", CLEAR_SEEDS)
+def test_clear_window_patients_are_clear(seed):
+    pr = probe(seed)
+    for v in ("PLAX", "A4C", "SC4C"):
+        assert pr.labels(pr.target_pose(v))["acoustic"] >= 0.9, v
+
+
+@pytest.mark.parametrize("seed", CLEAR_SEEDS)
+@pytest.mark.parametrize("view", VIEWS)
+def test_target_pose_is_labelled_as_its_view_with_high_quality(seed, view):
+    pr = probe(seed)
+    lab = pr.labels(pr.target_pose(view))
+    i = VIEWS.index(view)
+    assert VIEW_LABELS[lab["view"]] == view
+    assert lab["action"][i] == HOLD
+    np.testing.assert_allclose(lab["pose_offset"][i], 0.0, atol=1e-4)
+    assert lab["quality"][i] == pytest.approx(lab["acoustic"])
+    assert lab["quality"][i] >= (0.9 if view != "PSAX" else 0.55)
+
+
+def test_label_types_and_shapes():
+    pr = probe(1)
+    lab = pr.labels(pr.target_pose("A4C"), t=0.3)
+    assert lab["pose_offset"].shape == (5, 5) and lab["pose_offset"].dtype == np.float32
+    assert lab["action"].shape == (5,) and lab["action"].dtype == np.int64
+    assert lab["quality"].shape == (5,) and lab["quality"].dtype == np.float32
+    assert ((lab["quality"] >= 0) & (lab["quality"] <= 1)).all()
+    assert isinstance(lab["view"], int) and isinstance(lab["acoustic"], float)
+    assert lab["pose"].dtype == np.float64 and lab["patient_seed"] == 1
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("axis", range(5))
+def test_quality_falls_monotonically_moving_away(view, axis):
+    """The pose part of the quality (quality / acoustic) falls monotonically along every axis."""
+    pr = probe(0)
+    target = pr.target_pose(view)
+    i = VIEWS.index(view)
+    qs = []
+    for k in (0.0, 0.5, 1.0, 1.5, 2.5, 4.0):
+        pose = target.copy()
+        pose[axis] += k * POSE_SCALE[axis]
+        pose = pr.set_pose(pose)  # clipped like the probe would be
+        lab = pr.labels(pose)
+        qs.append(lab["quality"][i] / max(lab["acoustic"], 1e-9))
+    assert all(a >= b - 1e-6 for a, b in zip(qs, qs[1:])), qs
+    assert qs[0] == pytest.approx(1.0) and qs[-1] < 0.05
+
+
+def test_best_action_reduces_the_distance_and_hold_only_near_target():
+    pr = probe(2)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        pose = pr.sample_pose(rng, "near", spread=1.5)
+        lab = pr.labels(pose)
+        for i, view in enumerate(VIEWS):
+            d0 = pose_distance(lab["pose_offset"][i])
+            a = int(lab["action"][i])
+            if a == HOLD:
+                assert d0 <= HOLD_RADIUS + 1e-6
+                continue
+            assert d0 > HOLD_RADIUS
+            after = pr.labels(pose + action_delta(a, 0.25))
+            assert pose_distance(after["pose_offset"][i]) < d0, (view, ACTIONS[a])
+
+
+def test_far_from_every_target_is_other():
+    pr = probe(0)
+    lab = pr.labels(np.array([-100.0, -60.0, 0.0, 0.0, 0.0]))
+    assert VIEW_LABELS[lab["view"]] == OTHER
+    assert lab["quality"].max() < 0.01
+
+
+def test_labels_agree_with_render_and_do_not_depend_on_output_size():
+    small, big = probe(3, 64), probe(3, 128)
+    pose = small.sample_pose(np.random.default_rng(5), "near", view="PLAX", spread=0.5)
+    a = small.labels(pose, t=0.2)
+    _, b = small.render(pose, t=0.2)
+    _, c = big.render(pose, t=0.2)
+    for k in ("pose_offset", "action", "quality"):
+        np.testing.assert_array_equal(a[k], b[k])
+        np.testing.assert_array_equal(a[k], c[k])
+    assert a["view"] == b["view"] == c["view"]
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_oracle_novice_reaches_hold_from_its_window(view):
+    """A novice who follows the true best action in half steps reaches HOLD in < 60 moves."""
+    i = VIEWS.index(view)
+    for seed in (0, 7):
+        pr = probe(seed)
+        rng = np.random.default_rng([seed, i])
+        for _ in range(8):
+            pr.set_pose(pr.sample_pose(rng, "window", view=view))
+            for step in range(60):
+                a = int(pr.labels()["action"][i])
+                if a == HOLD:
+                    break
+                pr.move(a, step=0.5)
+            assert a == HOLD, (seed, view, pr.pose)
+
+
+def test_sample_pose_modes_and_errors():
+    pr = probe(0)
+    rng = np.random.default_rng(0)
+    near = [pose_distance(pr.labels(pr.sample_pose(rng, "near", view="A4C", spread=0.3))["pose_offset"][2])
+            for _ in range(20)]
+    assert np.median(near) < 1.0
+    for _ in range(10):
+        p = pr.sample_pose(rng, "window", view="SC4C")
+        assert np.all(np.abs(p[:2] - pr.target_pose("SC4C")[:2]) <= 25.0 + 1e-9)
+    with pytest.raises(ValueError, match="unknown sample mode"):
+        pr.sample_pose(rng, "everywhere")
+    with pytest.raises(ValueError, match="unknown view"):
+        pr.sample_pose(rng, "near", view="A5C")
+    with pytest.raises(ValueError, match="no target"):
+        pr.target_pose("OTHER")
