@@ -1,0 +1,1016 @@
+"""The guidance engine: frames in, one immutable `GuidanceState` out. No Kivy, no torch here.
+
+    source thread --Frame--> latest-frame mailbox (stale frames dropped and counted, never queued)
+      --> inference thread: image gates -> preprocess + model (Predictor) -> time smoothing ->
+          model gates -> state machine -> auto-capture -> GuidanceState (+ session recorder)
+
+States (GuidanceState.state):
+    NO_SIGNAL  no frame yet, no new frame for `stale_timeout_s`, frozen, blank or saturated image;
+    SEARCHING  frames arrive but the guidance is not trustworthy (not ultrasound-like / OOD,
+               model unsure, inference too slow: `available` False), or no standard view is
+               recognised and the target is far (`available` True, no action, where-to-start hint);
+    GUIDING    one instruction toward the target (ACTIONS name, hysteresis + minimum dwell);
+    HOLD       smoothed target quality >= threshold, or the instruction is HOLD: keep still;
+    CAPTURED   a clip was just saved (shown `captured_show_s`, then the next protocol view).
+
+Every time-dependent rule runs on `now` (the engine's clock for live sources, `Frame.t` for
+replays and simulated time), never on the wall clock, so `process(frame, now)` reproduces a live
+session exactly and the closed-loop evaluation runs faster than real time.
+
+Captures: a clip is the last `clip_s` seconds of frames, saved to `capture_folder` as
+`<VIEW>_<nnn>.npz` (frames uint8 [N, H, W], t float64 [N], quality float32 [N] (smoothed target
+quality per frame), view, target, auto, meta JSON) plus `<VIEW>_<nnn>.png` (the clip's best
+frame); the best clip per view so far is also kept as `best_<VIEW>.npz/.png`. With no capture
+folder (the default of EngineConfig) captures are counted but not written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from devices.base import EndOfStream, Frame, Source
+from devices.labels import ACTION_TEXT, ACTIONS, HOLD, OTHER, QUALITY_DIAGNOSTIC, VIEW_RADIUS, VIEWS
+from edge_app import safety
+from edge_app.protocol import WINDOW_HINT, resolve_protocol, resolve_view
+from edge_app.smoothing import ActionSelector, TimeEMA
+
+log = logging.getLogger("pocus.engine")
+
+STATES = ("NO_SIGNAL", "SEARCHING", "GUIDING", "HOLD", "CAPTURED")
+UNAVAILABLE_PREFIX = "Guidance unavailable: "
+DEFAULT_MIN_CONFIDENCE = 0.4   # max softmax over 6 classes; chance is 0.17
+_STATS_LEN = 36_000            # per-frame timings kept for summaries (10 min at 60 fps, 2.6 MB)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model side
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class ModelOutput:
+    """One frame's model outputs, as probabilities.
+
+    Attributes:
+        view_probs: float32 [V+1] softmax over devices.labels.VIEW_LABELS (the V views, then OTHER).
+        quality: float32 [V] image quality as each target view, 0..1.
+        action_probs: float32 [V, A] softmax over devices.labels.ACTIONS, per target view.
+        pose_offset: float32 [V, 5] target - current pose, normalized units (devices.labels.POSE_SCALE).
+        ood_score: energy -logsumexp(view_logits) (high = out of distribution); NaN when unknown.
+        confidence: max softmax of the view; defaults to max(view_probs).
+    """
+
+    view_probs: np.ndarray
+    quality: np.ndarray
+    action_probs: np.ndarray
+    pose_offset: np.ndarray
+    ood_score: float = float("nan")
+    confidence: float | None = None
+
+    def __post_init__(self) -> None:
+        arrays = {}
+        for name in ("view_probs", "quality", "action_probs", "pose_offset"):
+            a = np.array(getattr(self, name), dtype=np.float32)
+            if not np.isfinite(a).all():
+                raise ValueError(f"ModelOutput.{name} contains NaN or infinite values")
+            a.flags.writeable = False
+            arrays[name] = a
+        v = arrays["quality"].shape[0] if arrays["quality"].ndim == 1 else -1
+        expected = {"view_probs": (v + 1,), "quality": (v,), "action_probs": (v, len(ACTIONS)),
+                    "pose_offset": (v, 5)}
+        for name, shape in expected.items():
+            if arrays[name].shape != shape:
+                raise ValueError(f"ModelOutput.{name} has shape {arrays[name].shape}, expected {shape} "
+                                 f"(V={v} views, {len(ACTIONS)} actions)")
+        for name, a in arrays.items():
+            object.__setattr__(self, name, a)
+        object.__setattr__(self, "ood_score", float(self.ood_score))
+        conf = float(arrays["view_probs"].max()) if self.confidence is None else float(self.confidence)
+        object.__setattr__(self, "confidence", conf)
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """Anything that turns a frame into ModelOutput (the ONNX bundle, a scripted fake, an oracle).
+
+    Optional attributes the engine uses when present: `views` (target names, default
+    devices.labels.VIEWS), `manifest` (thresholds), `last_timings` (dict of stage -> ms).
+    """
+
+    name: str
+    precision: str
+
+    def predict(self, image: np.ndarray) -> ModelOutput:
+        """uint8 [H, W] frame -> ModelOutput."""
+        ...
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class BundlePredictor:
+    """Runs an `edge_app.bundle.Bundle` on one frame: devices.preprocess -> ONNX -> softmax.
+
+    The OOD score is the energy -logsumexp(view_logits) (Liu et al. 2020, "Energy-based
+    out-of-distribution detection"), the same definition the exporter calibrates
+    thresholds.ood_energy_max with (`edge_app.bundle.view_scores`).
+
+    Args:
+        bundle: a loaded Bundle (anything with `.run(x) -> dict`, `.manifest`, `.precision`).
+        warmup: run one blank frame first so the first real frame is not slow.
+    """
+
+    def __init__(self, bundle: Any, warmup: bool = True) -> None:
+        from devices.preprocess import INPUT_SIZE, NORM_MEAN, NORM_STD
+
+        self.bundle = bundle
+        self.manifest: dict = dict(getattr(bundle, "manifest", {}) or {})
+        spec = self.manifest.get("input", {})
+        shape = spec.get("shape") or [1, 1, INPUT_SIZE, INPUT_SIZE]
+        norm = spec.get("normalization") or {}
+        self.size = int(shape[-1])
+        self.mean = float(norm.get("mean", NORM_MEAN))
+        self.std = float(norm.get("std", NORM_STD))
+        labels = self.manifest.get("labels", {})
+        views = [v for v in (labels.get("targets") or labels.get("views") or VIEWS) if v != OTHER]
+        self.views: tuple[str, ...] = tuple(views)
+        actions = tuple(labels.get("actions") or ACTIONS)
+        if actions != ACTIONS:
+            raise ValueError(f"bundle {getattr(bundle, 'path', '')}: its actions {actions} differ from this "
+                             f"runtime's {ACTIONS}; update pocus or re-export the model")
+        model = self.manifest.get("model", {})
+        self.name: str = str(getattr(bundle, "name", None) or model.get("name") or "model")
+        self.precision: str = str(getattr(bundle, "precision", None) or self.manifest.get("precision") or "fp32")
+        self.last_timings: dict[str, float] = {}
+        if warmup:
+            self.predict(np.zeros((self.size, self.size), np.uint8))
+
+    def predict(self, image: np.ndarray) -> ModelOutput:
+        """uint8 [H, W] frame -> ModelOutput; fills `last_timings` (preprocess_ms, inference_ms)."""
+        from devices.preprocess import preprocess
+
+        t0 = time.perf_counter()
+        x = preprocess(image, self.size, self.mean, self.std)[None]   # [1, 1, S, S]
+        t1 = time.perf_counter()
+        out = self.bundle.run(x)
+        t2 = time.perf_counter()
+        logits = np.asarray(out["view_logits"][0], dtype=np.float64)   # [V+1]
+        top = logits.max()
+        lse = top + math.log(np.exp(logits - top).sum())
+        result = ModelOutput(
+            view_probs=np.exp(logits - lse),
+            quality=np.clip(out["quality"][0], 0.0, 1.0),              # [V]
+            action_probs=_softmax(out["action_logits"][0]),              # [V, A]
+            pose_offset=out["pose_offset"][0],                           # [V, 5]
+            ood_score=-lse,
+        )
+        self.last_timings = {"preprocess_ms": (t1 - t0) * 1e3, "inference_ms": (t2 - t1) * 1e3}
+        return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and state
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineConfig:
+    """Engine settings. Thresholds left as None come from the bundle manifest, else a default.
+
+    Attributes:
+        smoothing_s: window over which view, quality, action and pose outputs are averaged (an
+            EMA with time constant smoothing_s / 2: the lag of a window this long). 0.4 s: long
+            enough to average speckle, short enough to follow a hand movement.
+        hysteresis: probability lead another action needs to replace the shown one.
+        min_dwell_s: an instruction stays at least this long (reaction ~0.4 s plus a move).
+        stale_timeout_s: no new frame for this long -> NO_SIGNAL (several frames at 15-60 fps).
+        frozen_diff: grey levels (mean absolute difference of 64x64 thumbnails); consecutive frames
+            closer than this count as identical. A live heart or a hand-held probe moves the
+            image by ~0.5-4; a paused scanner through a capture card gives ~0-0.1.
+        frozen_s: image unchanged this long -> "frozen image" (a heartbeat always moves the image).
+        quality_threshold: diagnostic quality (manifest thresholds.quality_diagnostic, else
+            devices.labels.QUALITY_DIAGNOSTIC).
+        min_confidence: smoothed max view softmax below this -> "model unsure" (manifest
+            thresholds.confidence_min, else 0.4).
+        max_ood_energy: smoothed energy above this -> "input does not look like a cardiac view"
+            (manifest thresholds.ood_energy_max, else no energy gate; the image check stays).
+        search_distance: no standard view recognised and the target farther than this
+            (normalized pose units) -> SEARCHING with a where-to-start hint.
+        latency_budget_ms: smoothed frame-to-state latency above this -> "inference too slow".
+        capture_hold_s: smoothed target quality must stay >= threshold this long (1-2 beats).
+        clip_s: length of a saved clip (2-3 beats).
+        captured_show_s: how long CAPTURED stays on screen before the next protocol view.
+        rearm_margin: after a capture, quality must fall this far below the threshold before the
+            same target auto-captures again.
+        capture_folder: where clips are written; None = count captures, write nothing.
+        time_base: "clock" (arrival time on the engine clock: live) or "source" (Frame.t: replays
+            faster or slower than real time behave like the original session).
+        drop_stale: True for live sources (keep only the newest frame); False for replays (the
+            source waits, every frame is processed).
+    """
+
+    smoothing_s: float = 0.4
+    hysteresis: float = 0.15
+    min_dwell_s: float = 0.8
+    stale_timeout_s: float = 0.5
+    frozen_diff: float = 0.25
+    frozen_s: float = 1.0
+    quality_threshold: float | None = None
+    min_confidence: float | None = None
+    max_ood_energy: float | None = None
+    search_distance: float = VIEW_RADIUS
+    latency_budget_ms: float = 100.0
+    capture_hold_s: float = 1.5
+    clip_s: float = 3.0
+    captured_show_s: float = 2.0
+    rearm_margin: float = 0.1
+    capture_folder: str | os.PathLike | None = None
+    time_base: str = "clock"
+    drop_stale: bool = True
+
+    def resolved(self, manifest: Mapping[str, Any] | None = None) -> "EngineConfig":
+        """A validated copy with None thresholds filled from `manifest['thresholds']` or defaults.
+
+        Raises:
+            ValueError: a setting out of range, naming it.
+        """
+        th = dict((manifest or {}).get("thresholds") or {})
+        out = replace(self)
+        if out.quality_threshold is None:
+            out.quality_threshold = float(th.get("quality_diagnostic", QUALITY_DIAGNOSTIC))
+        if out.min_confidence is None:
+            out.min_confidence = float(th.get("confidence_min", DEFAULT_MIN_CONFIDENCE))
+        if out.max_ood_energy is None and th.get("ood_energy_max") is not None:
+            out.max_ood_energy = float(th["ood_energy_max"])
+        for name in ("smoothing_s", "min_dwell_s", "stale_timeout_s", "frozen_diff", "frozen_s",
+                     "search_distance", "capture_hold_s", "clip_s", "captured_show_s", "rearm_margin"):
+            if not getattr(out, name) >= 0:
+                raise ValueError(f"engine setting {name} must be >= 0, got {getattr(out, name)}")
+        if not 0 < out.latency_budget_ms:
+            raise ValueError(f"engine setting latency_budget_ms must be > 0, got {out.latency_budget_ms}")
+        for name in ("quality_threshold", "min_confidence", "hysteresis"):
+            if not 0.0 <= getattr(out, name) <= 1.0:
+                raise ValueError(f"engine setting {name} must be in [0, 1], got {getattr(out, name)}")
+        if out.time_base not in ("clock", "source"):
+            raise ValueError(f"engine setting time_base must be 'clock' or 'source', got {out.time_base!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One saved clip: target view, smoothed quality at capture, file (None if not written), time."""
+
+    view: str
+    quality: float
+    path: str | None
+    t: float
+    auto: bool = True
+
+
+@dataclass(frozen=True)
+class GuidanceState:
+    """Everything the screen (or a test) needs about one moment. Immutable; see the module doc.
+
+    `available` False means `action` is None and `instruction` is "Guidance unavailable: <reason>"
+    with all reasons in `reasons`. In SEARCHING with `available` True, `action` is None and the
+    instruction says where to place the probe for the target.
+    """
+
+    state: str = "NO_SIGNAL"
+    available: bool = False
+    reasons: tuple[str, ...] = (safety.REASON_WAITING,)
+    view: str = ""
+    view_confidence: float = 0.0
+    target: str = ""
+    quality: float = 0.0
+    quality_threshold: float = QUALITY_DIAGNOSTIC
+    action: str | None = None
+    instruction: str = UNAVAILABLE_PREFIX + safety.REASON_WAITING
+    magnitude: float = 0.0
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    frame_index: int = -1
+    t: float = 0.0
+    fps: float = 0.0
+    latency_ms: float = 0.0
+    dropped_frames: int = 0
+    captures: tuple[Capture, ...] = ()
+    protocol: tuple[str, ...] = ()
+    protocol_step: int = 0
+    recording: bool = False
+    source_name: str = ""
+    model_name: str = ""
+    precision: str = ""
+    hold_progress: float = 0.0   # 0..1 of capture_hold_s spent at diagnostic quality (capture ring)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mailbox
+# ----------------------------------------------------------------------------------------------
+
+class Mailbox:
+    """A one-slot mailbox: a new item replaces an unread one (counted in `dropped`)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._full = False
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: Any, wait: bool = False, stop: threading.Event | None = None) -> None:
+        """Leave `item`; with `wait`, first wait until the slot is empty (no drops, for replays)."""
+        with self._cond:
+            while wait and self._full and not self._closed and not (stop and stop.is_set()):
+                self._cond.wait(0.05)
+            if self._full:
+                self.dropped += 1
+            self._item, self._full = item, True
+            self._cond.notify_all()
+
+    def get(self, timeout: float) -> Any:
+        """The newest item, or None if nothing arrives within `timeout` seconds."""
+        with self._cond:
+            if not self._full and not self._closed:
+                self._cond.wait(timeout)
+            if not self._full:
+                return None
+            item, self._item, self._full = self._item, None, False
+            self._cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        """Wake every waiter; later gets return what is left, then None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        with self._cond:
+            self._closed, self._item, self._full = False, None, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine
+# ----------------------------------------------------------------------------------------------
+
+class GuidanceEngine:
+    """Runs a source through a predictor and publishes GuidanceState.
+
+    Threaded use: `start()`, read `latest()` from any thread, `stop()`. Synchronous use (tests,
+    closed-loop evaluation, replays): `process(frame, now)` per frame, `tick(now)` between frames.
+    The source must already be open (use it as a context manager around the engine).
+
+    Args:
+        source: a devices Source.
+        predictor: a Predictor (BundlePredictor for the real model).
+        config: EngineConfig; None thresholds come from `predictor.manifest` when present.
+        recorder: an open SessionRecorder-like object (`append(frame, extra)`, `close()`) to record
+            the session from the start; or use `start_recording(folder)` later.
+        clock: monotonic clock in seconds (injectable for tests).
+    """
+
+    def __init__(self, source: Source | None, predictor: Predictor, config: EngineConfig | None = None,
+                 recorder: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
+        self.predictor = predictor
+        self.config = (config or EngineConfig()).resolved(getattr(predictor, "manifest", None))
+        self.views: tuple[str, ...] = tuple(getattr(predictor, "views", None) or VIEWS)
+        self.source_name = str(getattr(source, "name", "") or ("" if source is None else type(source).__name__))
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._mailbox = Mailbox()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._subscribers: list[queue.Queue] = []
+        self._recorder = recorder
+        self.recording_error: str | None = None
+        self.capture_error: str | None = None
+        self.error: BaseException | None = None      # source or engine failure (threaded mode)
+        self.source_ended = False
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._capture_counts: dict[str, int] = {}
+        self.best_captures: dict[str, Capture] = {}
+        self._target = "A4C" if "A4C" in self.views else self.views[0]
+        self._protocol: tuple[str, ...] = ()
+        self._step_i = 0
+        self._time_offset = 0.0
+        self._reset_session()
+        self.stats = _Stats()
+        self._state = self._initial_state()
+
+    # -- public commands --------------------------------------------------------------------
+    def latest(self) -> GuidanceState:
+        """The newest published state (never blocks)."""
+        return self._state
+
+    @property
+    def done(self) -> bool:
+        """True once a threaded run has finished (finite source exhausted, error, or stop())."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until a threaded run is done; returns `done`."""
+        return self._done.wait(timeout)
+
+    def set_target(self, view: str) -> None:
+        """Guide toward `view`; inside a running protocol this jumps to that step, else ends it."""
+        view = resolve_view(view, self.views)
+        with self._lock:
+            if view in self._protocol and self._step_i < len(self._protocol):
+                self._step_i = self._protocol.index(view)
+            else:
+                self._protocol, self._step_i = (), 0
+            self._switch_target(view)
+
+    def set_protocol(self, protocol: str | Iterable[str] | None) -> None:
+        """Run a protocol (a name such as "focused", or view names); None or () ends it."""
+        views = resolve_protocol(protocol, self.views) if protocol else ()
+        with self._lock:
+            self._protocol, self._step_i = views, 0
+            if views:
+                self._switch_target(views[0])
+            else:
+                self._republish()
+
+    def capture_now(self) -> Capture | None:
+        """Save the current clip as the target view now (manual capture); None before any frame."""
+        with self._lock:
+            if not self._ring:
+                return None
+            cap = self._capture(self._last_now, auto=False)
+            state = self._common(self._state)
+            if state.available:
+                state = replace(state, state="CAPTURED", instruction=self._captured_text, hold_progress=1.0)
+            self._publish(state, notify=False)
+            return cap
+
+    def start_recording(self, folder: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> None:
+        """Record every processed frame with the model outputs and instruction (devices.recorder).
+
+        Raises:
+            ValueError: the recorder cannot be created (e.g. folder not writable), naming the folder.
+        """
+        try:
+            from devices.recorder import SessionRecorder
+        except ImportError as e:
+            raise ValueError(f"cannot record to {folder}: the session recorder is not available ({e})") from e
+        info = {"model": self.predictor.name, "precision": self.predictor.precision,
+                "target": self._target, "protocol": list(self._protocol), **dict(meta or {})}
+        try:
+            rec = SessionRecorder(folder, source_name=self.source_name, meta=info,
+                                  fps=float(getattr(self.source, "fps", 0.0) or 0.0))
+        except OSError as e:
+            raise ValueError(f"cannot record to {folder}: {e}") from e
+        with self._lock:
+            self._close_recorder()
+            self._recorder, self.recording_error = rec, None
+            self._republish()
+
+    def stop_recording(self) -> None:
+        """Close the session recording (no-op when not recording)."""
+        with self._lock:
+            self._close_recorder()
+            self._republish()
+
+    def subscribe(self, maxsize: int = 0) -> queue.Queue:
+        """A queue that receives every state made from a frame, plus tick states that change
+        `state` or `reasons` (for JSON output); full queues drop states."""
+        q: queue.Queue = queue.Queue(maxsize)
+        self._subscribers.append(q)
+        return q
+
+    def flush(self) -> None:
+        """Wait until every capture has been written to disk (a failed write sets `capture_error`)."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001 - a failed clip write must not stop the session
+                self.capture_error = f"saving a clip failed: {e}"
+                log.error("%s", self.capture_error)
+
+    # -- threads ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the source and inference threads (no-op if running)."""
+        if any(t.is_alive() for t in self._threads):
+            return
+        if self.source is None:
+            raise ValueError("this engine has no source: use process(frame) instead of start()")
+        self._stop.clear()
+        self._done.clear()
+        self._mailbox.reopen()
+        self.error, self.source_ended = None, False
+        self._source_finished = threading.Event()
+        self._threads = [threading.Thread(target=self._source_loop, name="pocus-source", daemon=True),
+                         threading.Thread(target=self._inference_loop, name="pocus-inference", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop the threads, write pending captures, close the recording."""
+        self._stop.set()
+        self._mailbox.close()
+        for t in self._threads:
+            t.join(timeout)
+        self._done.set()
+        self.flush()
+        with self._lock:
+            self._close_recorder()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    def _source_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                t_read = self._clock()
+                frame = self.source.read(timeout=0.1)
+                if frame is None:
+                    continue
+                arrival = self._clock()
+                self.stats.read_ms.append((arrival - t_read) * 1e3)
+                self.stats.received += 1
+                self._mailbox.put((frame, arrival), wait=not self.config.drop_stale, stop=self._stop)
+        except EndOfStream:
+            self.source_ended = True
+        except BaseException as e:  # noqa: BLE001 - reported through engine.error and the state
+            self.error = e
+            log.error("source %s failed: %s", self.source_name, e)
+        finally:
+            self._source_finished.set()
+            self._mailbox.close()
+
+    def _inference_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._mailbox.get(timeout=0.05)
+                if item is None:
+                    if self._source_finished.is_set():
+                        break
+                    self.tick()
+                    continue
+                frame, arrival = item
+                now = arrival if self.config.time_base == "clock" else frame.t
+                self._step(frame, now, arrival)
+            if self.error is not None or self.source_ended:
+                # Replays end at the recording's last time, so two replays print the same.
+                source_time = self.config.time_base == "source" and self._last_now is not None
+                self.tick(self._last_now if source_time else None)
+        except BaseException as e:  # noqa: BLE001 - reported through engine.error and the state
+            self.error = e
+            log.exception("guidance engine failed")
+            reasons = (safety.REASON_ENGINE_ERROR.format(error=e),)
+            self._publish(replace(self._state, **self._unavailable_fields("NO_SIGNAL", reasons, self._state.t)))
+        finally:
+            self._stop.set()
+            self._done.set()
+
+    # -- one step -----------------------------------------------------------------------------
+    def process(self, frame: Frame, now: float | None = None) -> GuidanceState:
+        """Run one frame through the whole pipeline synchronously and publish the state.
+
+        Args:
+            frame: the frame.
+            now: time in seconds on the caller's clock (default `frame.t`).
+
+        Returns:
+            The new GuidanceState.
+        """
+        return self._step(frame, frame.t if now is None else float(now), self._clock())
+
+    def tick(self, now: float | None = None) -> GuidanceState:
+        """Update the state when no frame arrives (staleness, end of source, CAPTURED timeout)."""
+        with self._lock:
+            if now is None:
+                now = self._clock() + (self._time_offset if self.config.time_base == "source" else 0.0)
+            prev = self._state
+            if self.error is not None:
+                reasons = (safety.REASON_SOURCE_ERROR.format(error=self.error),)
+            elif self.source_ended:
+                reasons = (safety.REASON_ENDED,)
+            elif self._last_now is None:
+                reasons = (safety.REASON_WAITING,)
+            elif now - self._last_now > self.config.stale_timeout_s:
+                reasons = (safety.REASON_STALE.format(seconds=now - self._last_now),)
+            else:
+                self._advance_protocol(now)
+                if prev.target != self._target:
+                    self._republish()
+                return self._state
+            self._reset_session()
+            self._fps_times.clear()
+            state = replace(prev, **self._unavailable_fields("NO_SIGNAL", reasons, now))
+            changed = (state.state, state.reasons) != (prev.state, prev.reasons)
+            self._publish(state, notify=changed)
+            return state
+
+    def _step(self, frame: Frame, now: float, arrival: float) -> GuidanceState:
+        cfg = self.config
+        with self._lock:
+            t_start = self._clock()
+            if self._last_now is not None and (now < self._last_now or now - self._last_now > cfg.stale_timeout_s):
+                self._reset_session()          # time went back (new loop) or the signal came back
+            self._last_now = now
+            self._time_offset = frame.t - t_start
+            self._fps_times.append(now)
+            while self._fps_times and self._fps_times[0] < now - 1.0:
+                self._fps_times.popleft()
+            self._advance_protocol(now)
+
+            image = frame.image
+            check = safety.check_image(image)
+            frozen_for = self._frozen.update(image, now)
+            signal = []
+            if check.blank or check.saturated:
+                signal.append(safety.REASON_BLANK)
+            if frozen_for > cfg.frozen_s:
+                signal.append(safety.REASON_FROZEN)
+
+            out = None
+            predict_ms = 0.0
+            if not signal:
+                t0 = self._clock()
+                out = self.predictor.predict(image)
+                predict_ms = (self._clock() - t0) * 1e3
+                self._smooth(out, check, now)
+            else:
+                self._reset_smoothing()
+
+            self._lat_ema.update((self._clock() - arrival) * 1e3, now)
+            fields = self._decide(frame, now, out, tuple(signal))
+            self._ring.append((image, now, fields.get("quality", 0.0)))
+            while self._ring and self._ring[0][1] < now - cfg.clip_s:
+                self._ring.popleft()
+            fields = self._auto_capture(fields, now)
+            latency_ms = (self._clock() - arrival) * 1e3
+            state = GuidanceState(**fields, latency_ms=latency_ms)
+            self._publish(state)
+            self.stats.add(self, latency_ms, wait_ms=(t_start - arrival) * 1e3,
+                           predict_ms=predict_ms if out is not None else None,
+                           post_ms=(self._clock() - t_start) * 1e3 - predict_ms)
+            if self._recorder is not None:
+                self._record(frame, state, out)
+            return state
+
+    def _smooth(self, out: ModelOutput, check: safety.ImageCheck, now: float) -> None:
+        self._view_ema.update(out.view_probs, now)
+        self._quality_ema.update(out.quality, now)
+        self._action_ema.update(out.action_probs, now)
+        self._pose_ema.update(out.pose_offset, now)
+        self._conf_ema.update(out.confidence, now)
+        if math.isfinite(out.ood_score):
+            self._energy_ema.update(out.ood_score, now)
+        self._unlike_ema.update(0.0 if check.ultrasound_like else 1.0, now)
+
+    def _decide(self, frame: Frame, now: float, out: ModelOutput | None, signal: tuple[str, ...]) -> dict[str, Any]:
+        """GuidanceState fields for this frame (one constructor call later keeps the step cheap)."""
+        cfg = self.config
+        fields = dict(self._common_fields(), image=frame.image, frame_index=frame.index, t=now, fps=self._fps(),
+                      dropped_frames=self._mailbox.dropped)
+        if signal or out is None:
+            return {**fields, **self._unavailable_fields("NO_SIGNAL", signal or (safety.REASON_BLANK,), now)}
+
+        t = self.views.index(self._target)
+        view_probs = self._view_ema.value                     # [V+1]
+        v = int(np.argmax(view_probs))
+        view = self.views[v] if v < len(self.views) else OTHER
+        quality = float(self._quality_ema.value[t])
+        fields.update(view=view, view_confidence=float(view_probs[v]), quality=quality)
+
+        reasons = []
+        energy = self._energy_ema.value
+        if self._unlike_ema.value > 0.5 or (cfg.max_ood_energy is not None and energy is not None
+                                            and energy > cfg.max_ood_energy):
+            reasons.append(safety.REASON_OOD)
+        if self._lat_ema.value is not None and self._lat_ema.value > cfg.latency_budget_ms:
+            reasons.append(safety.REASON_SLOW)
+        if self._conf_ema.value < cfg.min_confidence:
+            reasons.append(safety.REASON_UNSURE)
+        if reasons:
+            return {**fields, **self._unavailable_fields("SEARCHING", tuple(reasons), now)}
+
+        pose = self._pose_ema.value[t]                         # [5] normalized
+        distance = float(np.linalg.norm(pose))
+        if view == OTHER and distance > cfg.search_distance:
+            self._selector.reset()
+            hint = f"Looking for {self._target}: {WINDOW_HINT.get(self._target, 'sweep slowly over the window')}"
+            fields.update(state="SEARCHING", available=True, reasons=(), action=None, instruction=hint,
+                          magnitude=distance)
+            return fields
+
+        a = self._selector.update(self._action_ema.value[t], now)
+        if quality >= cfg.quality_threshold or a == HOLD:
+            name, a = "HOLD", HOLD
+        else:
+            name = "GUIDING"
+        action, text = ACTIONS[a], ACTION_TEXT[ACTIONS[a]]
+        if now < self._captured_until:
+            name, text = "CAPTURED", self._captured_text
+        fields.update(state=name, available=True, reasons=(), action=action, instruction=text,
+                      magnitude=distance if a == HOLD else abs(float(pose[a // 2])))
+        return fields
+
+    def _auto_capture(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
+        """Start, continue or fire the capture timer; updates and returns the state fields."""
+        cfg = self.config
+        threshold = cfg.quality_threshold
+        state, quality = fields["state"], fields.get("quality", 0.0)
+        if not self._armed and (state == "NO_SIGNAL" or quality < threshold - cfg.rearm_margin):
+            self._armed = True      # the probe left the view (or the patient): the next good view counts again
+        good = self._armed and fields["available"] and state in ("HOLD", "GUIDING") and quality >= threshold
+        if not good:
+            self._good_since = None
+            return fields
+        if self._good_since is None:
+            self._good_since = now
+        held = now - self._good_since
+        if held < cfg.capture_hold_s:
+            fields.update(hold_progress=held / cfg.capture_hold_s,
+                          instruction=f"Hold still: recording the {self._target} clip")
+            return fields
+        self._capture(now, auto=True)
+        fields.update(self._common_fields(), state="CAPTURED", instruction=self._captured_text, hold_progress=1.0)
+        return fields
+
+    # -- captures -----------------------------------------------------------------------------
+    def _capture(self, now: float, auto: bool) -> Capture:
+        view = self._target
+        quality = float(self._quality_ema.value[self.views.index(view)]) if self._quality_ema.value is not None else 0.0
+        n = self._capture_counts.get(view, 0) + 1
+        self._capture_counts[view] = n
+        path = None
+        folder = self.config.capture_folder
+        if folder is not None:
+            path = str(Path(folder) / f"{view}_{n:03d}.npz")
+        cap = Capture(view=view, quality=quality, path=path, t=now, auto=auto)
+        best = self.best_captures.get(view)
+        is_best = best is None or quality > best.quality
+        if is_best:
+            self.best_captures[view] = cap
+        if path is not None:
+            clip = list(self._ring)
+            meta = {"view": view, "quality": quality, "t": now, "auto": auto, "source": self.source_name,
+                    "model": self.predictor.name, "precision": self.predictor.precision,
+                    "quality_threshold": self.config.quality_threshold}
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pocus-capture")
+            self._pending.append(self._writer.submit(_write_clip, Path(path), clip, meta, is_best))
+        self._captures += (cap,)
+        self._armed = False
+        self._good_since = None
+        self._captured_until = now + self.config.captured_show_s
+        nxt = ""
+        if self._protocol and self._step_i < len(self._protocol) and self._protocol[self._step_i] == view:
+            self._advance_at = self._captured_until
+            if self._step_i + 1 < len(self._protocol):
+                nxt = f". Next: {self._protocol[self._step_i + 1]}"
+            else:
+                nxt = ". Protocol complete"
+        self._captured_text = f"{view} captured{nxt}"
+        return cap
+
+    def _advance_protocol(self, now: float) -> None:
+        if self._advance_at is not None and now >= self._advance_at:
+            self._advance_at = None
+            self._step_i += 1
+            if self._step_i < len(self._protocol):
+                self._switch_target(self._protocol[self._step_i], publish=False)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _switch_target(self, view: str, publish: bool = True) -> None:
+        self._target = view
+        self._selector.reset()
+        self._good_since = None
+        self._armed = True
+        self._captured_until = -math.inf
+        self._advance_at = None
+        if publish:
+            self._republish()
+
+    def _reset_smoothing(self) -> None:
+        for ema in (self._view_ema, self._quality_ema, self._action_ema, self._pose_ema, self._conf_ema,
+                    self._energy_ema, self._unlike_ema):
+            ema.reset()
+        self._selector.reset()
+        self._good_since = None
+
+    def _reset_session(self) -> None:
+        """Forget the signal: smoothing, frozen detector, clip buffer (captures are kept)."""
+        cfg = self.config
+        tau = cfg.smoothing_s / 2
+        if not hasattr(self, "_view_ema"):
+            self._view_ema, self._quality_ema = TimeEMA(tau), TimeEMA(tau)
+            self._action_ema, self._pose_ema = TimeEMA(tau), TimeEMA(tau)
+            self._conf_ema, self._energy_ema, self._unlike_ema = TimeEMA(tau), TimeEMA(tau), TimeEMA(tau)
+            self._lat_ema = TimeEMA(0.5)
+            self._selector = ActionSelector(cfg.hysteresis, cfg.min_dwell_s)
+            self._frozen = safety.FrozenDetector(cfg.frozen_diff)
+            self._ring: deque = deque()
+            self._fps_times: deque = deque()
+            self._captures: tuple[Capture, ...] = ()
+            self._last_now: float | None = None
+            self._armed = True
+            self._captured_until = -math.inf
+            self._captured_text = ""
+            self._advance_at: float | None = None
+        self._reset_smoothing()
+        self._lat_ema.reset()
+        self._frozen.reset()
+        self._ring.clear()
+
+    def _fps(self) -> float:
+        times = self._fps_times
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    def _common_fields(self) -> dict[str, Any]:
+        return dict(target=self._target, quality_threshold=self.config.quality_threshold, captures=self._captures,
+                    protocol=self._protocol, protocol_step=self._step_i, recording=self._recorder is not None,
+                    source_name=self.source_name, model_name=self.predictor.name,
+                    precision=self.predictor.precision)
+
+    def _common(self, state: GuidanceState) -> GuidanceState:
+        return replace(state, **self._common_fields())
+
+    def _initial_state(self) -> GuidanceState:
+        return self._common(GuidanceState())
+
+    def _unavailable_fields(self, name: str, reasons: tuple[str, ...], now: float) -> dict[str, Any]:
+        """Fields of an unavailable state: no action, the first reason as the instruction."""
+        self._selector.reset()
+        fields = dict(self._common_fields(), state=name, available=False, reasons=reasons, action=None,
+                      instruction=UNAVAILABLE_PREFIX + reasons[0], magnitude=0.0, t=now, hold_progress=0.0,
+                      fps=self._fps(), dropped_frames=self._mailbox.dropped)
+        if name == "NO_SIGNAL":   # no model output behind this state: show no view and no quality
+            fields.update(view="", view_confidence=0.0, quality=0.0)
+        return fields
+
+    def _republish(self) -> None:
+        """Publish the current state again after a command (target, protocol, recording)."""
+        state = self._common(self._state)
+        if state.available and state.target != self._state.target:
+            # The instruction belonged to the old target: show nothing wrong until the next frame.
+            state = replace(state, state="SEARCHING", action=None, instruction=f"Looking for {state.target}",
+                            quality=0.0, hold_progress=0.0)
+        elif state.state == "CAPTURED" and state.t >= self._captured_until:
+            state = replace(state, state="HOLD" if state.action == "HOLD" else "GUIDING",
+                            instruction=ACTION_TEXT.get(state.action or "", state.instruction))
+        self._publish(state, notify=False)
+
+    def _publish(self, state: GuidanceState, notify: bool = True) -> None:
+        self._state = state
+        if notify:
+            for q in self._subscribers:
+                try:
+                    q.put_nowait(state)
+                except queue.Full:
+                    pass
+
+    def _record(self, frame: Frame, state: GuidanceState, out: ModelOutput | None) -> None:
+        extra: dict[str, Any] = {
+            "state": state.state, "available": state.available, "reasons": list(state.reasons),
+            "instruction": state.instruction, "target": state.target, "action": state.action,
+            "view": state.view, "view_confidence": round(state.view_confidence, 4),
+            "quality": round(state.quality, 4), "latency_ms": round(state.latency_ms, 2),
+        }
+        if out is not None:
+            extra["model"] = {
+                "view_probs": [round(float(p), 4) for p in out.view_probs],
+                "quality": [round(float(q), 4) for q in out.quality],
+                "action": [ACTIONS[int(a)] for a in out.action_probs.argmax(axis=1)],
+                "confidence": round(out.confidence, 4),
+                "ood_score": round(out.ood_score, 4) if math.isfinite(out.ood_score) else None,
+            }
+        try:
+            self._recorder.append(frame, extra=extra)
+        except Exception as e:  # noqa: BLE001 - a full disk must not stop the guidance
+            self.recording_error = f"recording stopped: {e}"
+            log.error("%s", self.recording_error)
+            self._close_recorder()
+
+    def _close_recorder(self) -> None:
+        rec, self._recorder = self._recorder, None
+        if rec is not None:
+            try:
+                rec.close()
+            except Exception as e:  # noqa: BLE001 - closing must not raise during shutdown
+                self.recording_error = f"closing the recording failed: {e}"
+                log.error("%s", self.recording_error)
+
+
+def _write_clip(path: Path, clip: list, meta: dict, is_best: bool) -> None:
+    """Write one capture (.npz clip + .png of its best frame); also as best_<VIEW> when best."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = clip[-1][0].shape
+    clip = [c for c in clip if c[0].shape == shape]   # a resized source mid-clip: keep the last size
+    frames = np.stack([c[0] for c in clip])                  # [N, H, W] uint8
+    t = np.array([c[1] for c in clip], dtype=np.float64)     # [N]
+    quality = np.array([c[2] for c in clip], dtype=np.float32)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, frames=frames, t=t, quality=quality, view=meta["view"],
+                        meta=json.dumps(meta))
+    os.replace(tmp, path)
+    png = path.with_suffix(".png")
+    cv2.imwrite(str(png), frames[int(np.argmax(quality))])
+    if is_best:
+        for src in (path, png):
+            shutil.copyfile(src, src.with_name(f"best_{meta['view']}{src.suffix}"))
+
+
+class _Ring:
+    """Fixed-size float64 history (allocated and touched once, so memory stays flat)."""
+
+    def __init__(self, size: int) -> None:
+        self._a = np.full(size, np.nan)
+        self._n = 0
+
+    def append(self, value: float) -> None:
+        self._a[self._n % len(self._a)] = value
+        self._n += 1
+
+    def values(self) -> np.ndarray:
+        """The kept values, oldest first."""
+        size = len(self._a)
+        if self._n <= size:
+            return self._a[:self._n].copy()
+        i = self._n % size
+        return np.concatenate([self._a[i:], self._a[:i]])
+
+    def __len__(self) -> int:
+        return min(self._n, len(self._a))
+
+
+class _Stats:
+    """Per-frame timings of a run (the last `_STATS_LEN` frames), for summaries and `pocus bench e2e`.
+
+    The per-processed-frame rings are aligned (NaN where a stage did not run, e.g. no inference on
+    a blank frame); `read_ms` is per received frame (source thread).
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.processed = 0
+        self.states: dict[str, int] = {}
+        self.read_ms = _Ring(_STATS_LEN)
+        self.index = _Ring(_STATS_LEN)          # frame index of each processed frame
+        self.t = _Ring(_STATS_LEN)              # its `now`
+        self.latency_ms = _Ring(_STATS_LEN)     # arrival (read returned) -> state published
+        self.wait_ms = _Ring(_STATS_LEN)        # arrival -> step start (mailbox)
+        self.predict_ms = _Ring(_STATS_LEN)
+        self.preprocess_ms = _Ring(_STATS_LEN)
+        self.inference_ms = _Ring(_STATS_LEN)
+        self.post_ms = _Ring(_STATS_LEN)        # smoothing, gates, state machine, capture
+
+    def add(self, engine: GuidanceEngine, latency_ms: float, wait_ms: float, predict_ms: float | None,
+            post_ms: float) -> None:
+        nan = float("nan")
+        self.processed += 1
+        state = engine._state
+        self.index.append(state.frame_index)
+        self.t.append(state.t)
+        self.latency_ms.append(latency_ms)
+        self.wait_ms.append(wait_ms)
+        self.post_ms.append(post_ms)
+        self.states[state.state] = self.states.get(state.state, 0) + 1
+        timings = (getattr(engine.predictor, "last_timings", None) or {}) if predict_ms is not None else {}
+        self.predict_ms.append(nan if predict_ms is None else predict_ms)
+        self.preprocess_ms.append(timings.get("preprocess_ms", nan))
+        self.inference_ms.append(timings.get("inference_ms", nan))
+
+    def summary(self, skip: int = 0) -> dict[str, Any]:
+        """Counts and p50/p99/mean of each timing (ms), ignoring the first `skip` kept frames (warm-up)."""
+        def pct(ring: _Ring) -> dict[str, float | None]:
+            a = ring.values()[skip:]
+            a = a[np.isfinite(a)]
+            if a.size == 0:
+                return {"p50": None, "p99": None, "mean": None}
+            return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
+                    "mean": round(float(a.mean()), 3)}
+
+        return {"received": self.received, "processed": self.processed, "states": dict(self.states),
+                "latency_ms": pct(self.latency_ms), "read_ms": pct(self.read_ms), "wait_ms": pct(self.wait_ms),
+                "predict_ms": pct(self.predict_ms), "preprocess_ms": pct(self.preprocess_ms),
+                "inference_ms": pct(self.inference_ms), "post_ms": pct(self.post_ms)}

@@ -1,0 +1,89 @@
+"""Time-based smoothing and instruction hysteresis (edge_app.smoothing)."""
+import math
+
+import numpy as np
+import pytest
+
+from edge_app.smoothing import ActionSelector, TimeEMA
+
+
+@pytest.mark.parametrize("fps", [15.0, 30.0, 60.0])
+def test_ema_step_response_depends_on_time_not_frame_rate(fps):
+    ema = TimeEMA(tau_s=0.2)
+    ema.update(0.0, 0.0)
+    t = 0.0
+    while t < 0.2 - 1e-9:
+        t += 1 / fps
+        value = ema.update(1.0, t)
+    # After one time constant a step has risen to 1 - 1/e, whatever the frame rate.
+    assert value == pytest.approx(1 - math.exp(-t / 0.2), abs=1e-9)
+    assert 0.55 < value < 0.7
+
+
+def test_ema_arrays_first_sample_and_reset():
+    ema = TimeEMA(0.1)
+    first = ema.update(np.array([1.0, 2.0]), 5.0)
+    np.testing.assert_allclose(first, [1.0, 2.0])
+    ema.update(np.array([3.0, 2.0]), 5.1)
+    assert 1.0 < ema.value[0] < 3.0 and ema.value[1] == pytest.approx(2.0)
+    ema.reset()
+    np.testing.assert_allclose(ema.update(np.array([7.0, 7.0]), 6.0), [7.0, 7.0])
+
+
+def test_ema_restarts_when_time_goes_back():
+    ema = TimeEMA(1.0)
+    ema.update(0.0, 10.0)
+    ema.update(0.0, 10.5)
+    assert ema.update(5.0, 1.0) == 5.0   # a looping file: start again, no negative dt
+
+
+def test_ema_zero_tau_is_latest_sample_and_negative_rejected():
+    ema = TimeEMA(0.0)
+    ema.update(1.0, 0.0)
+    assert ema.update(4.0, 0.01) == 4.0
+    with pytest.raises(ValueError, match="time constant"):
+        TimeEMA(-1.0)
+
+
+def _probs(best: int, p: float, n: int = 11) -> np.ndarray:
+    out = np.full(n, (1 - p) / (n - 1))
+    out[best] = p
+    return out
+
+
+def test_selector_holds_against_small_leads_and_switches_on_clear_ones():
+    sel = ActionSelector(margin=0.15, min_dwell_s=0.5)
+    assert sel.update(_probs(2, 0.6), 0.0) == 2
+    # Another action slightly ahead (lead 0.1 < margin), long after the dwell: stay.
+    mixed = np.zeros(11)
+    mixed[2], mixed[4] = 0.4, 0.5
+    assert sel.update(mixed, 2.0) == 2
+    # A clear lead: switch.
+    assert sel.update(_probs(4, 0.8), 2.1) == 4
+
+
+def test_selector_minimum_dwell():
+    sel = ActionSelector(margin=0.1, min_dwell_s=0.8)
+    sel.update(_probs(0, 0.9), 0.0)
+    assert sel.update(_probs(3, 0.9), 0.5) == 0      # too soon
+    assert sel.update(_probs(3, 0.9), 0.79) == 0
+    assert sel.update(_probs(3, 0.9), 0.81) == 3      # dwell over
+
+
+def test_selector_does_not_flicker_on_alternating_noise():
+    rng = np.random.default_rng(0)
+    sel = ActionSelector(margin=0.15, min_dwell_s=0.5)
+    ema = TimeEMA(0.2)
+    shown = []
+    for i in range(120):   # 4 s at 30 fps; two actions take turns being slightly ahead
+        raw = _probs(2 if i % 2 else 3, 0.45) + rng.normal(0, 0.02, 11)
+        shown.append(sel.update(ema.update(raw, i / 30), i / 30))
+    changes = sum(a != b for a, b in zip(shown, shown[1:]))
+    assert changes == 0
+
+
+def test_selector_rejects_bad_settings():
+    with pytest.raises(ValueError, match="margin"):
+        ActionSelector(1.5, 0.1)
+    with pytest.raises(ValueError, match="dwell"):
+        ActionSelector(0.1, -1)

@@ -1,0 +1,220 @@
+"""State machine and safety gates of the guidance engine, on simulated time with scripted outputs."""
+import numpy as np
+import pytest
+
+from devices.base import Frame
+from devices.labels import ACTION_TEXT
+from edge_app.engine import EngineConfig, GuidanceEngine, GuidanceState, ModelOutput
+from helpers_engine import (FakeClock, ScriptedPredictor, checkerboard_image, lung_image, make_output,
+                            noise_image, texture_image, us_image)
+
+FPS = 30.0
+
+
+def make_engine(output=None, delay_s=0.0, **config):
+    clock = FakeClock()
+    predictor = ScriptedPredictor(output or make_output(), clock=clock, delay_s=delay_s)
+    engine = GuidanceEngine(None, predictor, EngineConfig(**config), clock=clock)
+    return engine, predictor
+
+
+class Feeder:
+    """Feeds frames on simulated time, continuing from where the last call stopped."""
+
+    def __init__(self, engine, fps=FPS):
+        self.engine, self.fps, self.t, self.i = engine, fps, 0.0, 0
+
+    def run(self, seconds, image=us_image, output=None, predictor=None):
+        states = []
+        for _ in range(int(round(seconds * self.fps))):
+            if output is not None:
+                predictor.output = output
+            img = image(self.t) if callable(image) else image
+            states.append(self.engine.process(Frame(image=img, t=self.t, index=self.i)))
+            self.t += 1 / self.fps
+            self.i += 1
+        return states
+
+
+def test_initial_state_is_no_signal_waiting():
+    engine, _ = make_engine()
+    s = engine.latest()
+    assert isinstance(s, GuidanceState)
+    assert s.state == "NO_SIGNAL" and not s.available and s.action is None
+    assert s.instruction == "Guidance unavailable: waiting for the first frame"
+    assert s.target == "A4C" and s.model_name == "scripted"
+
+
+def test_full_walk_through_every_state():
+    engine, pred = make_engine(capture_hold_s=1.0, captured_show_s=1.0)
+    engine.set_protocol(["A4C", "A2C"])
+    feed = Feeder(engine)
+    # No standard view, far from the target: SEARCHING with a where-to-start hint.
+    s = feed.run(1.0, output=make_output("OTHER", 0.9, quality=0.05, action="SLIDE_LEFT", distance=4.0),
+                 predictor=pred)[-1]
+    assert (s.state, s.available, s.action) == ("SEARCHING", True, None)
+    assert s.instruction.startswith("Looking for A4C: place the probe on the apex")
+    # The view appears: GUIDING with one instruction.
+    s = feed.run(1.0, output=make_output("A4C", 0.9, quality=0.3, action="ROTATE_CW"), predictor=pred)[-1]
+    assert (s.state, s.action, s.instruction) == ("GUIDING", "ROTATE_CW", ACTION_TEXT["ROTATE_CW"])
+    assert s.magnitude == pytest.approx(1.5, abs=0.02)
+    # Diagnostic quality: HOLD, and after capture_hold_s: CAPTURED, then the next protocol view.
+    states = feed.run(2.5, output=make_output("A4C", 0.95, quality=0.9, action="HOLD"), predictor=pred)
+    names = [x.state for x in states]
+    assert "HOLD" in names and "CAPTURED" in names
+    assert names.index("HOLD") < names.index("CAPTURED")
+    assert [c.view for c in states[-1].captures] == ["A4C"]
+    after = [x for x in states if x.state != "CAPTURED" and x.t > states[names.index("CAPTURED")].t]
+    assert after and after[-1].target == "A2C" and after[-1].protocol_step == 1
+
+
+def test_other_view_near_the_target_still_guides():
+    engine, pred = make_engine()
+    s = Feeder(engine).run(0.5, output=make_output("OTHER", 0.9, quality=0.2, action="TILT_AWAY", distance=1.0),
+                           predictor=pred)[-1]
+    assert s.state == "GUIDING" and s.action == "TILT_AWAY"
+
+
+def test_stale_source_gives_no_signal_then_recovers():
+    engine, pred = make_engine(stale_timeout_s=0.5)
+    feed = Feeder(engine)
+    s = feed.run(1.0)[-1]
+    assert s.available
+    assert engine.tick(now=s.t + 0.3).available                     # within the timeout
+    stale = engine.tick(now=s.t + 1.2)
+    assert stale.state == "NO_SIGNAL" and stale.reasons == ("no new frame for 1.2 s",)
+    assert stale.instruction == "Guidance unavailable: no new frame for 1.2 s" and stale.action is None
+    assert stale.fps == 0.0 and stale.quality == 0.0
+    feed.t = s.t + 1.5
+    assert feed.run(0.1)[-1].available
+
+
+def test_frozen_image_after_one_second():
+    engine, _ = make_engine(frozen_s=1.0)
+    still = us_image(0.0)
+    states = Feeder(engine).run(1.5, image=still)
+    by_t = {round(s.t, 3): s for s in states}
+    assert all(s.available for s in states if s.t <= 0.99)
+    late = [s for s in states if s.t > 1.05]
+    assert late and all(s.state == "NO_SIGNAL" and "frozen image" in s.reasons for s in late)
+    assert by_t[0.0].available
+
+
+def test_near_identical_frames_count_as_frozen():
+    engine, _ = make_engine(frozen_s=0.5)
+    base = us_image(0.0).astype(np.int16)
+    rng = np.random.default_rng(1)
+    # Capture-card noise on a paused screen: a few pixels off by one grey level.
+    jitter = lambda t: np.clip(base + (rng.random(base.shape) < 0.05), 0, 255).astype(np.uint8)  # noqa: E731
+    assert "frozen image" in Feeder(engine).run(1.0, image=jitter)[-1].reasons
+
+
+@pytest.mark.parametrize("image", [np.zeros((96, 96), np.uint8), np.full((96, 96), 128, np.uint8),
+                                   np.full((96, 96), 255, np.uint8), checkerboard_image(lo=0, hi=255)],
+                         ids=["black", "flat-grey", "white", "saturated-checkerboard"])
+def test_blank_or_saturated_image(image):
+    engine, pred = make_engine()
+    s = Feeder(engine).run(0.2, image=lambda t: image.copy())[-1]
+    assert s.state == "NO_SIGNAL" and s.reasons[0] == "image blank or saturated"
+    assert s.instruction == "Guidance unavailable: image blank or saturated"
+    assert pred.calls == 0   # no inference on a blank frame
+
+
+@pytest.mark.parametrize("make", [lambda t: noise_image(seed=int(t * 1000)), lambda t: checkerboard_image(),
+                                  lambda t: texture_image(seed=int(t * 1000))],
+                         ids=["noise", "checkerboard", "texture"])
+def test_non_ultrasound_input_is_out_of_distribution_even_if_the_model_is_confident(make):
+    engine, _ = make_engine(make_output("A4C", 0.99, quality=0.9), frozen_s=10)
+    s = Feeder(engine).run(0.5, image=make)[-1]
+    assert s.state == "SEARCHING" and not s.available and s.action is None
+    assert "input does not look like a cardiac view" in s.reasons
+
+
+def test_lung_like_image_passes_image_check_and_model_other_class_decides():
+    engine, pred = make_engine(make_output("OTHER", 0.95, quality=0.02, distance=3.0))
+    s = Feeder(engine).run(0.5, image=lung_image)[-1]
+    assert s.state == "SEARCHING" and s.available and s.view == "OTHER" and s.action is None
+
+
+def test_energy_gate_uses_manifest_threshold():
+    predictor = ScriptedPredictor(make_output(ood=-2.0))
+    predictor.manifest = {"thresholds": {"quality_diagnostic": 0.7, "confidence_min": 0.5, "ood_energy_max": -4.0}}
+    engine = GuidanceEngine(None, predictor, clock=FakeClock())
+    assert (engine.config.quality_threshold, engine.config.min_confidence, engine.config.max_ood_energy) == (0.7, 0.5, -4.0)
+    feed = Feeder(engine)
+    assert "input does not look like a cardiac view" in feed.run(0.5)[-1].reasons
+    predictor.output = make_output(ood=-9.0)
+    assert feed.run(1.0)[-1].available
+    assert engine.latest().quality_threshold == 0.7
+
+
+def test_low_confidence_is_model_unsure():
+    engine, pred = make_engine(make_output("A4C", 0.3))
+    s = Feeder(engine).run(0.5)[-1]
+    assert s.state == "SEARCHING" and s.reasons == ("model unsure",) and s.view == "A4C"
+
+
+def test_slow_inference_gate_and_recovery():
+    engine, pred = make_engine(delay_s=0.150, latency_budget_ms=100)
+    feed = Feeder(engine)
+    s = feed.run(0.5)[-1]
+    assert "inference too slow" in s.reasons and s.latency_ms == pytest.approx(150, abs=1)
+    pred.delay_s = 0.010
+    assert feed.run(1.5)[-1].available
+
+
+def test_one_outlier_frame_does_not_change_view_or_instruction():
+    engine, pred = make_engine(make_output("A4C", 0.85, action="SLIDE_HEAD"))
+    feed = Feeder(engine)
+    feed.run(1.0)
+    pred.output = make_output("A2C", 0.85, action="ROTATE_CCW")
+    s = feed.run(1 / FPS)[-1]
+    pred.output = make_output("A4C", 0.85, action="SLIDE_HEAD")
+    s2 = feed.run(1 / FPS)[-1]
+    assert (s.view, s.action) == ("A4C", "SLIDE_HEAD") and (s2.view, s2.action) == ("A4C", "SLIDE_HEAD")
+
+
+def test_a_lasting_change_of_action_shows_after_smoothing_and_dwell():
+    engine, pred = make_engine(make_output(action="SLIDE_HEAD"), min_dwell_s=0.8)
+    feed = Feeder(engine)
+    feed.run(1.0)
+    pred.output = make_output(action="ROCK_AWAY")
+    states = feed.run(1.0)
+    switch = next(i for i, s in enumerate(states) if s.action == "ROCK_AWAY")
+    assert 0.05 < switch / FPS < 0.5   # smoothing delays it a little, it then stays
+    assert all(s.action == "ROCK_AWAY" for s in states[switch:])
+
+
+def test_quality_threshold_means_hold_whatever_the_action_head_says():
+    engine, _ = make_engine(make_output(quality=0.8, action="SLIDE_LEFT"), capture_hold_s=100)
+    s = Feeder(engine).run(0.5)[-1]
+    assert (s.state, s.action) == ("HOLD", "HOLD") and s.instruction.startswith("Hold still")
+    assert 0 < s.hold_progress < 0.1
+
+
+def test_set_target_validates_and_updates_state():
+    engine, _ = make_engine()
+    with pytest.raises(ValueError, match="choose one of PLAX"):
+        engine.set_target("A5C")
+    Feeder(engine).run(0.3)
+    engine.set_target("psax")
+    s = engine.latest()
+    assert s.target == "PSAX" and s.action is None and s.state == "SEARCHING"
+
+
+def test_model_output_validation():
+    with pytest.raises(ValueError, match="action_probs has shape"):
+        ModelOutput(np.ones(6) / 6, np.zeros(5), np.zeros((5, 3)), np.zeros((5, 5)))
+    with pytest.raises(ValueError, match="NaN"):
+        ModelOutput(np.full(6, np.nan), np.zeros(5), np.zeros((5, 11)), np.zeros((5, 5)))
+    out = make_output("PSAX", 0.7)
+    assert out.confidence == pytest.approx(0.7) and not out.view_probs.flags.writeable
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="time_base"):
+        EngineConfig(time_base="wall").resolved()
+    with pytest.raises(ValueError, match="quality_threshold"):
+        EngineConfig(quality_threshold=1.5).resolved()
+    with pytest.raises(ValueError, match="latency_budget_ms"):
+        EngineConfig(latency_budget_ms=0).resolved()
