@@ -47,8 +47,12 @@ ACTION_TEXT: dict[str, str] = {
     "HOLD": "Hold still",
 }
 
-# Normalized pose distance under which the probe is "at" the target: the best action is HOLD.
+# Normalized pose distance under which the probe is "at" the target: the best action is HOLD when
+# the image there is diagnostic (quality >= QUALITY_DIAGNOSTIC) ...
 HOLD_RADIUS = 0.75
+# ... and always inside this smaller radius: closer than this there is nothing left to correct, a
+# poor image is the patient's window (rib or lung shadow), not the probe position.
+HOLD_RADIUS_MIN = 0.3
 # Normalized distance to the nearest target under which the frame is labelled as that view.
 VIEW_RADIUS = 2.0
 # Quality (0..1) at or above which an image is diagnostic (ASE-style grade 3 or better).
@@ -68,17 +72,24 @@ def pose_distance(offset: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(offset, dtype=np.float64) / POSE_SCALE, axis=-1)
 
 
-def best_action(offset: np.ndarray) -> np.ndarray:
+def best_action(offset: np.ndarray, quality: np.ndarray | None = None) -> np.ndarray:
     """Best single action for pose offsets [..., 5] (target - current): index into ACTIONS.
 
-    HOLD inside HOLD_RADIUS; otherwise the axis with the largest normalized offset, in the
-    direction that reduces it. Moving along that axis always reduces the pose distance.
+    HOLD inside HOLD_RADIUS_MIN, and inside HOLD_RADIUS when `quality` [...] (of the same target) is
+    diagnostic or not given; otherwise the axis with the largest normalized offset, in the direction
+    that reduces it. Moving along that axis always reduces the pose distance. With quality, a probe
+    near the target over a partly shadowed window is told to close the remaining gap instead of
+    holding a non-diagnostic image.
     """
     z = np.asarray(offset, dtype=np.float64) / POSE_SCALE
     axis = np.argmax(np.abs(z), axis=-1)
     sign_negative = np.take_along_axis(z, axis[..., None], axis=-1)[..., 0] < 0
     action = 2 * axis + sign_negative.astype(np.int64)
-    return np.where(np.linalg.norm(z, axis=-1) <= HOLD_RADIUS, HOLD, action)
+    dist = np.linalg.norm(z, axis=-1)
+    hold = dist <= HOLD_RADIUS
+    if quality is not None:
+        hold &= (np.asarray(quality) >= QUALITY_DIAGNOSTIC) | (dist <= HOLD_RADIUS_MIN)
+    return np.where(hold, HOLD, action)
 
 
 def action_delta(action: int | str, step: float = 1.0) -> np.ndarray:

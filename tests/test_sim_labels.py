@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from devices.labels import ACTIONS, HOLD, action_delta, HOLD_RADIUS, OTHER, POSE_SCALE, VIEW_LABELS, VIEWS, pose_distance
+from devices.labels import ACTIONS, HOLD, HOLD_RADIUS_MIN, QUALITY_DIAGNOSTIC, action_delta, HOLD_RADIUS, OTHER, POSE_SCALE, VIEW_LABELS, VIEWS, pose_distance
 from tests.helpers_sim import CLEAR_SEEDS, probe
 
 
@@ -66,8 +66,9 @@ def test_best_action_reduces_the_distance_and_hold_only_near_target():
             a = int(lab["action"][i])
             if a == HOLD:
                 assert d0 <= HOLD_RADIUS + 1e-6
+                assert lab["quality"][i] >= QUALITY_DIAGNOSTIC or d0 <= HOLD_RADIUS_MIN + 1e-6
                 continue
-            assert d0 > HOLD_RADIUS
+            assert d0 > HOLD_RADIUS or (d0 > HOLD_RADIUS_MIN and lab["quality"][i] < QUALITY_DIAGNOSTIC)
             after = pr.labels(pose + action_delta(a, 0.25))
             assert pose_distance(after["pose_offset"][i]) < d0, (view, ACTIONS[a])
 
@@ -123,3 +124,13 @@ def test_sample_pose_modes_and_errors():
         pr.sample_pose(rng, "near", view="A5C")
     with pytest.raises(ValueError, match="no target"):
         pr.target_pose("OTHER")
+
+
+def test_hold_needs_a_diagnostic_image_unless_right_at_the_target():
+    from devices.labels import best_action
+
+    offset = np.array([[5.0, 0, 0, 0, 0]] * 3)          # 0.5 normalized units: inside HOLD_RADIUS
+    at = np.array([[2.0, 0, 0, 0, 0]])                  # 0.2: inside HOLD_RADIUS_MIN
+    assert best_action(offset).tolist() == [HOLD] * 3   # no quality given: pose alone
+    assert best_action(offset, np.array([0.8, 0.6, 0.4])).tolist() == [HOLD, HOLD, ACTIONS.index("SLIDE_HEAD")]
+    assert best_action(at, np.array([0.1])).tolist() == [HOLD]

@@ -2,7 +2,8 @@
 
 Labels (what the model learns, one definition for training and evaluation):
     pose_offset  float32 [5 views, 5 axes]  target - current (mm, deg; rotation wrapped to [-180, 180))
-    action       int64 [5]   devices.labels.best_action(pose_offset)
+    action       int64 [5]   devices.labels.best_action(pose_offset, quality): HOLD within HOLD_RADIUS
+                             if the quality is diagnostic, always within HOLD_RADIUS_MIN
     quality      float32 [5] exp(-0.5 * pose_distance^2) * acoustic
     acoustic     float       visible_heart * depth_factor * gain_factor * range_factor, where
                  visible_heart = fraction of the heart samples in the sector (fixed 24 x 48 polar grid,
@@ -207,7 +208,7 @@ class SimulatedProbe(Source):
         ok = dist[nearest] <= VIEW_RADIUS and acoustic >= _MIN_ACOUSTIC_FOR_VIEW
         return {
             "pose_offset": offset.astype(np.float32),
-            "action": best_action(offset).astype(np.int64),
+            "action": best_action(offset, quality).astype(np.int64),
             "quality": quality.astype(np.float32),
             "view": nearest if ok else VIEW_LABELS.index(OTHER),
             "acoustic": acoustic,
