@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "sim": ("Simulator rendering speed (same as `pocus sim bench`)", "devices.sim.cli:configure_bench"),
         "model": ("Model formats/precisions/providers: accuracy, latency, FPS", "export.bench:configure_bench_model"),
         "e2e": ("Whole pipeline latency and throughput on the simulated probe", "edge_app.bench:configure_bench_e2e"),
+        "train": ("Training throughput: model step (images/s) and simulator data rate", "training.bench:configure_bench_train"),
     },
     "eval": {
         "guidance": ("Closed loop: does a simulated novice reach a diagnostic view?", "edge_app.closed_loop:configure_eval"),
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - user-facing boundary: one clear line, no traceback
         from devices.base import SourceError
-        known = (SourceError, FileNotFoundError, ValueError)
-        if isinstance(e, known) or type(e).__name__.endswith("Error") and getattr(e, "user_facing", False):
+        if isinstance(e, (SourceError, FileNotFoundError, ValueError)):
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 1
         raise

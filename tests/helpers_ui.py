@@ -3,7 +3,7 @@
 Run as a script (under xvfb-run) to open the real app:
     python tests/helpers_ui.py --source fake --engine auto --stall-after-s 3 --keys "1.5:right,2:e"
 `--engine auto` uses edge_app.engine.GuidanceEngine with an oracle predictor when that module
-exists, else `FakeEngine`. `--source auto` uses the simulator ("sim") when devices/sim/READY exists.
+exists, else `FakeEngine`. `--source auto` is the simulator ("sim").
 
 The README screenshot (docs/app_screenshot.png):
     xvfb-run -a -s "-screen 0 1280x800x24" python tests/helpers_ui.py --readme-shot docs/app_screenshot.png
@@ -336,9 +336,9 @@ class ScriptedEngine:
 
 def make_source(kind: str, stall_after_s: float | None, size_px: int = 256, start_view: str = "A4C",
                 start_offset=START_OFFSET):
-    """'fake' -> FakeProbe; 'sim' -> the simulator; 'auto' -> sim when devices/sim/READY exists."""
+    """'fake' -> FakeProbe; 'sim' or 'auto' -> the simulator."""
     if kind == "auto":
-        kind = "sim" if (ROOT / "devices" / "sim" / "READY").exists() else "fake"
+        kind = "sim"
     if kind == "sim":
         from devices.base import create_source
         src = create_source(f"sim:seed=0,size={size_px}")

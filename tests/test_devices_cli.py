@@ -97,9 +97,7 @@ def _json_out_multiline(capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_sim_smoke_when_ready(capsys):
-    if not (ROOT / "devices" / "sim" / "READY").exists():
-        pytest.skip("devices/sim is not ready yet (another engineer's package)")
+def test_sim_smoke(capsys):
     assert main(["source", "sim", "--frames", "3", "--json", "-o", "realtime=false"]) == 0
     out = _json_out(capsys)
     assert out["frames"] == 3 and out["has_pose"] is True

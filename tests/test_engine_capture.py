@@ -12,6 +12,7 @@ from helpers_engine import FakeClock, FakeRecorder, ScriptedPredictor, make_outp
 FPS = 30.0
 GOOD = make_output("A4C", 0.95, quality=0.9, action="HOLD")
 POOR = make_output("A4C", 0.9, quality=0.3, action="SLIDE_LEFT")
+CAPTURE_LEVEL = 0.6 + EngineConfig().capture_margin   # diagnostic threshold plus the safety margin
 
 
 def make_engine(recorder=None, **config):
@@ -34,7 +35,7 @@ def test_capture_fires_after_capture_hold_of_diagnostic_quality():
     feed(engine, 1.0, 0.0)
     pred.output = GOOD
     states = feed(engine, 3.0, 1.0, 30)
-    first_good = next(s.t for s in states if s.quality >= 0.6)
+    first_good = next(s.t for s in states if s.quality >= CAPTURE_LEVEL)
     capture = next(s for s in states if s.captures)
     assert capture.state == "CAPTURED"
     assert first_good + 1.5 - 1e-9 <= capture.t <= first_good + 1.5 + 1 / FPS + 1e-9
@@ -42,7 +43,7 @@ def test_capture_fires_after_capture_hold_of_diagnostic_quality():
     assert (cap.view, cap.auto, cap.path) == ("A4C", True, None)   # no folder: counted, not written
     assert cap.quality >= 0.6 and cap.t == capture.t
     # hold_progress climbs toward 1 while waiting
-    waiting = [s.hold_progress for s in states if s.t < capture.t and s.quality >= 0.6]
+    waiting = [s.hold_progress for s in states if s.t < capture.t and s.quality >= CAPTURE_LEVEL]
     assert waiting == sorted(waiting) and 0 <= waiting[0] < 0.1 and waiting[-1] > 0.9
 
 
@@ -72,7 +73,7 @@ def test_no_second_capture_until_the_view_is_left_and_found_again():
 
 def test_capture_files_clip_thumbnail_and_best(tmp_path):
     engine, pred = make_engine(capture_hold_s=0.5, clip_s=1.0, captured_show_s=0.2, smoothing_s=0.0,
-                               capture_folder=tmp_path)
+                               capture_folder=tmp_path, capture_margin=0.1)
     pred.output = make_output("A4C", 0.95, quality=0.8, action="HOLD")
     feed(engine, 1.0, 0.0)
     pred.output = POOR
@@ -81,11 +82,11 @@ def test_capture_files_clip_thumbnail_and_best(tmp_path):
     s = feed(engine, 1.0, 1.5, 45)[-1]
     pred.output = POOR
     feed(engine, 0.5, 2.5, 75)
-    pred.output = make_output("A4C", 0.95, quality=0.7, action="HOLD")
+    pred.output = make_output("A4C", 0.95, quality=0.75, action="HOLD")
     s = feed(engine, 1.0, 3.0, 90)[-1]
     engine.flush()
     caps = s.captures
-    assert [round(c.quality, 2) for c in caps] == [0.8, 0.95, 0.7]
+    assert [round(c.quality, 2) for c in caps] == [0.8, 0.95, 0.75]
     for c in caps:
         assert Path(c.path).is_file() and Path(c.path).with_suffix(".png").is_file()
     with np.load(caps[0].path) as z:
@@ -197,3 +198,14 @@ def test_real_session_recorder_roundtrip(tmp_path):
             got.append(frame)
     assert len(got) == len(states)
     np.testing.assert_array_equal(got[-1].image, us_image(states[-1].t, 64))
+
+
+def test_no_capture_between_the_threshold_and_the_capture_margin():
+    """Quality just over the diagnostic line is within the model's error: hold, do not capture."""
+    engine, pred = make_engine(capture_hold_s=0.5, smoothing_s=0.0, capture_margin=0.1)
+    pred.output = make_output("A4C", 0.95, quality=0.65, action="HOLD")
+    states = feed(engine, 3.0, 0.0)
+    assert not states[-1].captures and all(s.hold_progress == 0 for s in states)
+    pred.output = make_output("A4C", 0.95, quality=0.72, action="HOLD")
+    states = feed(engine, 1.0, 3.0, 90)
+    assert states[-1].captures and states[-1].captures[0].quality == pytest.approx(0.72)

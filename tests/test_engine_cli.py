@@ -107,9 +107,6 @@ def test_missing_bundle_is_a_clear_error(tmp_path):
     assert "nope" in r.stderr
 
 
-@pytest.mark.skipif(not (REPO / "devices" / "sim" / "READY").exists()
-                    or not (REPO / "edge_app" / "bundles" / "default" / "bundle.json").exists(),
-                    reason="needs the simulator (devices/sim/READY) and the shipped bundle")
 def test_default_app_on_the_simulator_with_the_shipped_bundle():
     r = subprocess.run([sys.executable, "-m", "edge_app.cli", "app", "--headless", "--json", "--seconds", "2"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -50,8 +50,8 @@ def test_full_walk_through_every_state():
     engine.set_protocol(["A4C", "A2C"])
     feed = Feeder(engine)
     # No standard view, far from the target: SEARCHING with a where-to-start hint.
-    s = feed.run(1.0, output=make_output("OTHER", 0.9, quality=0.05, action="SLIDE_LEFT", distance=4.0),
-                 predictor=pred)[-1]
+    s = feed.run(1.0, output=make_output("OTHER", 0.9, quality=0.05, action="SLIDE_LEFT", distance=4.0,
+                                         action_conf=0.3), predictor=pred)[-1]
     assert (s.state, s.available, s.action) == ("SEARCHING", True, None)
     assert s.instruction.startswith("Looking for A4C: place the probe on the apex")
     # The view appears: GUIDING with one instruction.
@@ -131,9 +131,36 @@ def test_non_ultrasound_input_is_out_of_distribution_even_if_the_model_is_confid
 
 
 def test_lung_like_image_passes_image_check_and_model_other_class_decides():
-    engine, pred = make_engine(make_output("OTHER", 0.95, quality=0.02, distance=3.0))
+    engine, pred = make_engine(make_output("OTHER", 0.95, quality=0.02, distance=3.0, action_conf=0.2))
     s = Feeder(engine).run(0.5, image=lung_image)[-1]
     assert s.state == "SEARCHING" and s.available and s.view == "OTHER" and s.action is None
+
+
+def test_far_from_any_view_a_confident_model_still_shows_the_way():
+    """OTHER and far, but the action is clear (anatomy in sight): an arrow, not a blind search."""
+    engine, pred = make_engine(make_output("OTHER", 0.9, quality=0.02, action="SLIDE_HEAD", distance=4.0,
+                                           action_conf=0.8))
+    s = Feeder(engine).run(1.0)[-1]
+    assert (s.state, s.action, s.available) == ("GUIDING", "SLIDE_HEAD", True)
+
+
+def test_hold_with_poor_quality_turns_into_a_fine_correction_then_holds_again():
+    """The model says 'at the target' but quality stays under the capture level: after hold_stuck_s
+    one correction along the largest predicted pose offset, for one dwell time, then HOLD again."""
+    import dataclasses
+
+    out = make_output("A4C", 0.95, quality=0.5, action="HOLD")
+    pose = np.zeros((5, 5))
+    pose[:, 2] = -0.4                                  # the target is counter-clockwise of the probe
+    out = dataclasses.replace(out, pose_offset=pose)
+    engine, pred = make_engine(out, hold_stuck_s=2.0, min_dwell_s=0.8, smoothing_s=0.0)
+    states = Feeder(engine).run(4.0)
+    first_fine = next(s.t for s in states if s.state == "GUIDING")
+    assert all(s.state == "HOLD" for s in states if s.t < first_fine)
+    assert 2.0 - 1e-6 <= first_fine <= 2.1
+    fine = [s for s in states if first_fine <= s.t < first_fine + 0.8]
+    assert fine and all(s.action == "ROTATE_CCW" for s in fine)
+    assert all(s.state == "HOLD" for s in states if first_fine + 0.85 <= s.t < first_fine + 2.7)
 
 
 def test_energy_gate_uses_manifest_threshold():

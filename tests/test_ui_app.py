@@ -1,7 +1,7 @@
 """The real Kivy app under Xvfb: screenshots of the window, checked pixel by pixel.
 
 Each fixture starts the app once in a subprocess (tests/helpers_ui.py is the launcher) on the
-simulator when devices/sim/READY exists, else on a fake movable probe, through the real
+simulator, through the real
 GuidanceEngine when edge_app.engine imports, and reads back the screenshots the app saves
 (POCUS_UI_SCREENSHOT_DIR) with a JSON sidecar saying what was shown and where.
 """
