@@ -179,3 +179,12 @@ def test_val_cli_on_a_real_dataset_folder(capsys, tmp_path, shards):
     m = json.loads(capsys.readouterr().out)["sets"]["generic"]
     assert m["n_frames"] == 3 and "action_acc" not in m and "pose_mae" not in m  # no pose labels on real data
     assert np.array(m["confusion"]).sum() == 3
+
+
+def test_bench_train_reports_step_and_data_rates(capsys):
+    from edge_app.cli import main
+
+    assert main(["bench", "train", "--model", "pocusnet_tiny", "--device", "cpu", "--batch-size", "4",
+                 "--steps", "2", "--frames", "8", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["device"] == "cpu" and row["train_images_per_s"] > 0 and row["data_frames_per_s_per_worker"] > 0
