@@ -1,0 +1,500 @@
+"""Closed-loop evaluation: does a simulated novice who follows the app reach a diagnostic view?
+
+Each episode puts a held-out simulated patient under a simulated novice's hand, starting near the
+target or somewhere on an acoustic window, and runs the real `GuidanceEngine` (smoothing, safety
+gates, auto-capture: the app's code path) on simulated time until the engine captures a clip or
+the novice gives up. Three policies move the hand, on the same starts:
+
+- `guided`: the novice follows the instruction the engine shows;
+- `oracle`: the same hand follows the simulator's true best action (upper bound of the guidance);
+- `unguided`: the same hand searches with no instructions (a random walk kept on the window).
+
+Success is a captured clip whose TRUE quality for the target (simulator ground truth, averaged over
+the frames of the capture hold, i.e. what the saved clip shows) is diagnostic
+(>= devices.labels.QUALITY_DIAGNOSTIC); a capture below that is a false capture.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from devices.base import Frame
+from devices.labels import ACTIONS, HOLD, POSE_SCALE, QUALITY_DIAGNOSTIC, VIEWS, action_delta, view_index
+
+POLICIES = ("guided", "oracle", "unguided")
+# Patients never used in training, validation or the training test split (those use seeds < 30000).
+EVAL_SEED_BASE = 30000
+
+
+@dataclass(frozen=True)
+class NoviceParams:
+    """A person following on-screen instructions. Defaults from novice-scanning teaching figures.
+
+    Steps are in normalized pose units (devices.labels.POSE_SCALE: 1 unit = 10 mm slide or ~10-12 deg).
+    """
+
+    reaction_s: float = 0.4          # choice reaction time to a new instruction (300-500 ms)
+    move_s: float = 0.5              # one adjustment takes about half a second of hand motion
+    step_mean: float = 0.6           # a few mm to ~1 cm of slide, 5-15 deg of angle per adjustment
+    step_cv: float = 0.4             # spread of step size: over- and under-shoot
+    wrong_way_p: float = 0.1         # moves opposite to the instruction (left/right, cw/ccw mix-ups)
+    tremor: float = 0.05             # hand tremor around the intended pose, normalized units (sd), also while holding
+    search_every_s: float = 2.0      # with no instruction, a small searching move this often
+    give_up_s: float = 60.0          # time limit of an episode
+
+    def validate(self) -> "NoviceParams":
+        for name in ("reaction_s", "move_s", "step_mean", "step_cv", "tremor", "search_every_s", "give_up_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"novice parameter {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.wrong_way_p <= 1.0:
+            raise ValueError(f"wrong_way_p must be in [0, 1], got {self.wrong_way_p}")
+        return self
+
+
+@dataclass(frozen=True)
+class Start:
+    """One episode's starting situation, shared by all policies."""
+
+    patient_seed: int
+    target: str
+    kind: str            # "near" or "far"
+    pose: tuple[float, ...]
+    seed: int            # the novice's own randomness
+
+
+@dataclass
+class EpisodeResult:
+    policy: str
+    target: str
+    kind: str
+    patient_seed: int
+    success: bool
+    captured: bool
+    false_capture: bool
+    time_s: float                     # time to capture (or to giving up)
+    path_length: float                # normalized pose units travelled
+    unavailable_fraction: float       # share of frames with guidance unavailable
+    capture_quality: float | None     # true quality at capture
+    trajectory: list[list[float]] = field(default_factory=list)  # [t, head_mm, left_mm] samples
+
+
+class Novice:
+    """Turns an instruction stream into hand motion with human delay, step error and tremor."""
+
+    def __init__(self, params: NoviceParams, rng: np.random.Generator) -> None:
+        self.p = params
+        self.rng = rng
+        self._seen_action: int | None = None
+        self._seen_since = 0.0
+        self._motion: np.ndarray | None = None   # remaining pose change of the current adjustment
+        self._motion_left_s = 0.0
+        self._next_search = params.search_every_s
+        self._tremor = np.zeros(5)
+
+    def tremor(self, dt: float) -> np.ndarray:
+        """Pose jitter [5] around the intended pose: a slow AR(1) wobble (time constant 0.3 s)."""
+        keep = math.exp(-dt / 0.3)
+        noise = self.rng.normal(0.0, self.p.tremor * math.sqrt(1.0 - keep ** 2), size=5)
+        self._tremor = keep * self._tremor + noise
+        return self._tremor * POSE_SCALE
+
+    def _start_move(self, action: int, step_scale: float = 1.0) -> None:
+        step = self.p.step_mean * step_scale * float(self.rng.lognormal(0.0, self.p.step_cv))
+        if self.rng.random() < self.p.wrong_way_p:
+            action = action + 1 if action % 2 == 0 else action - 1
+        self._motion = action_delta(action, step)
+        self._motion_left_s = max(self.p.move_s, 1e-6)
+
+    def step(self, now: float, dt: float, action: int | None) -> np.ndarray:
+        """Intended pose change [5] for this tick, given the instruction on screen (None: none)."""
+        delta = np.zeros(5)
+        if self._motion is not None:
+            share = min(1.0, dt / self._motion_left_s)
+            delta += self._motion * share
+            self._motion = self._motion * (1.0 - share)
+            self._motion_left_s -= dt
+            if self._motion_left_s <= 1e-9:
+                self._motion = None
+                self._seen_since = now      # look at the screen again before the next move
+            return delta
+        if action != self._seen_action:
+            self._seen_action, self._seen_since = action, now
+        if action is None:
+            if now >= self._next_search:
+                self._start_move(int(self.rng.integers(0, HOLD)), step_scale=0.5)
+                self._next_search = now + self.p.search_every_s
+            return delta
+        self._next_search = now + self.p.search_every_s
+        if action != HOLD and now - self._seen_since >= self.p.reaction_s:
+            self._start_move(action)
+        return delta
+
+
+class TruthPredictor:
+    """A "perfect model" that reads the simulator's ground truth of the probe's current pose.
+
+    Runs the engine with no model error, to tell model failures from engine/state-machine ones;
+    the tests use it to check the loop. `bind(probe)` gives the predictor for one episode.
+    """
+
+    name = "ground-truth"
+    precision = "truth"
+
+    def __init__(self, probe: Any = None) -> None:
+        self.probe = probe
+
+    def bind(self, probe: Any) -> "TruthPredictor":
+        return TruthPredictor(probe)
+
+    def predict(self, image: np.ndarray) -> Any:
+        from edge_app.engine import ModelOutput
+
+        labels = self.probe.labels()
+        view_probs = np.full(len(VIEWS) + 1, 0.01)
+        view_probs[int(labels["view"])] = 1.0
+        action_probs = np.full((len(VIEWS), len(ACTIONS)), 0.01)
+        action_probs[np.arange(len(VIEWS)), labels["action"]] = 1.0
+        return ModelOutput(view_probs=view_probs / view_probs.sum(), quality=labels["quality"],
+                           action_probs=action_probs / action_probs.sum(1, keepdims=True),
+                           pose_offset=labels["pose_offset"] / POSE_SCALE)
+
+
+def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share: float = 0.5) -> list[Start]:
+    """Deterministic starts on held-out patients.
+
+    "near": the target pose plus N(0, 1) normalized units per axis (about 1 cm and 10 deg off);
+    "far": anywhere on the target's acoustic window (+-25 mm, rotation +-90 deg, tilt/rock +-25 deg
+    around one of the window's view targets): where a novice who knows the window puts the probe.
+    """
+    from devices.sim import SimulatedProbe
+
+    rng = np.random.default_rng(seed)
+    starts = []
+    for v, view in enumerate(views):
+        for e in range(episodes_per_view):
+            patient_seed = EVAL_SEED_BASE + seed * 1000 + v * episodes_per_view + e
+            probe = SimulatedProbe(patient_seed=patient_seed, realtime=False)
+            kind = "near" if e < round(episodes_per_view * near_share) else "far"
+            episode_rng = np.random.default_rng([seed, v, e])
+            if kind == "near":
+                pose = probe.sample_pose(episode_rng, "near", view=view)
+            else:
+                pose = probe.sample_pose(episode_rng, "window", view=view)
+            starts.append(Start(patient_seed, view, kind, tuple(float(x) for x in pose), int(rng.integers(2**31))))
+    return starts
+
+
+def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams, fps: float = 15.0,
+                engine_config: Any = None, keep_trajectory: bool = False) -> EpisodeResult:
+    """One episode on simulated time; the engine is the app's own `GuidanceEngine`."""
+    from devices.sim import SimulatedProbe
+    from edge_app.engine import EngineConfig, GuidanceEngine
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
+    probe = SimulatedProbe(patient_seed=start.patient_seed, realtime=False)
+    config = engine_config or EngineConfig()
+    if hasattr(predictor, "bind"):
+        predictor = predictor.bind(probe)
+    engine = GuidanceEngine(probe, predictor, config=config)
+    engine.set_target(start.target)
+    target = view_index(start.target)
+    hand = Novice(novice, np.random.default_rng(start.seed))
+    probe.set_pose(np.asarray(start.pose))
+    dt = 1.0 / fps
+    n_unavailable = 0
+    path = 0.0
+    trajectory: list[list[float]] = []
+    n_ticks = int(math.ceil(novice.give_up_s * fps))
+    hold_ticks = max(1, int(round(engine.config.capture_hold_s * fps)))
+    recent_quality: deque = deque(maxlen=hold_ticks)      # true quality of the frames of the capture hold
+    for tick in range(n_ticks + 1):
+        now = tick * dt
+        pose = np.asarray(probe.pose, dtype=np.float64)       # where the hand means to be
+        image, labels = probe.render(pose + hand.tremor(dt), now)
+        frame = Frame(image=image, t=now, index=tick, labels=labels)
+        state = engine.process(frame, now=now)
+        if keep_trajectory and tick % max(1, int(fps // 2)) == 0:
+            trajectory.append([round(now, 2), round(float(pose[0]), 1), round(float(pose[1]), 1)])
+        if not state.available:
+            n_unavailable += 1
+        recent_quality.append(float(labels["quality"][target]))
+        if state.captures:
+            quality = float(np.mean(recent_quality))
+            ok = quality >= QUALITY_DIAGNOSTIC
+            return EpisodeResult(policy, start.target, start.kind, start.patient_seed, ok, True, not ok, now,
+                                 path, n_unavailable / (tick + 1), quality, trajectory)
+        if policy == "guided":
+            action = ACTIONS.index(state.action) if (state.available and state.action) else None
+        elif policy == "oracle":
+            action = int(labels["action"][target])
+        else:
+            action = None
+        delta = hand.step(now, dt, action)
+        probe.set_pose(pose + delta)
+        path += float(np.linalg.norm((np.asarray(probe.pose) - pose) / POSE_SCALE))
+    return EpisodeResult(policy, start.target, start.kind, start.patient_seed, False, False, False,
+                         novice.give_up_s, path, n_unavailable / (n_ticks + 1), None, trajectory)
+
+
+def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
+    """Success rate, time to success (median, p90), path length, false captures, unavailability."""
+    def block(rs: list[EpisodeResult]) -> dict[str, Any]:
+        if not rs:
+            return {}
+        wins = [r.time_s for r in rs if r.success]
+        return {
+            "episodes": len(rs),
+            "success_rate": sum(r.success for r in rs) / len(rs),
+            "time_to_success_median_s": float(np.median(wins)) if wins else None,
+            "time_to_success_p90_s": float(np.percentile(wins, 90)) if wins else None,
+            "path_length_median": float(np.median([r.path_length for r in rs])),
+            "false_capture_rate": sum(r.false_capture for r in rs) / len(rs),
+            "unavailable_fraction": float(np.mean([r.unavailable_fraction for r in rs])),
+        }
+
+    out: dict[str, Any] = {"give_up_s": give_up_s, "policies": {}}
+    for policy in sorted({r.policy for r in results}, key=POLICIES.index):
+        rs = [r for r in results if r.policy == policy]
+        out["policies"][policy] = {
+            "overall": block(rs),
+            "by_view": {v: block([r for r in rs if r.target == v]) for v in VIEWS if any(r.target == v for r in rs)},
+            "by_start": {k: block([r for r in rs if r.kind == k]) for k in ("near", "far") if any(r.kind == k for r in rs)},
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------- running many
+_WORKER: dict[str, Any] = {}
+
+
+def _make_predictor(bundle_dir: str | None, precision: str | None) -> Any:
+    """The bundle's model, or with bundle_dir "truth" the ground-truth predictor (engine-only check)."""
+    if bundle_dir == "truth":
+        return TruthPredictor()
+    from edge_app.bundle import load_bundle
+    from edge_app.engine import BundlePredictor
+
+    return BundlePredictor(load_bundle(bundle_dir, profile="cpu", precision=precision))
+
+
+def _worker_init(bundle_dir: str | None, precision: str | None) -> None:
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER["predictor"] = _make_predictor(bundle_dir, precision)
+
+
+def _worker_run(job: tuple[Start, str, NoviceParams, float, bool, Any]) -> EpisodeResult:
+    start, policy, novice, fps, keep, engine_config = job
+    return run_episode(start, policy, _WORKER["predictor"], novice, fps=fps, engine_config=engine_config,
+                       keep_trajectory=keep)
+
+
+def run_jobs(jobs: list[tuple[Start, str, NoviceParams, float, bool, Any]], bundle_dir: str | None,
+             precision: str | None, workers: int, progress: bool = True) -> list[EpisodeResult]:
+    """Run episodes in `workers` processes (1 = in this process), with a progress bar."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the [train] extra; without it there is simply no bar
+        def tqdm(it, **_):  # type: ignore[no-redef]
+            return it
+    if workers <= 1:
+        _worker_init(bundle_dir, precision)
+        return [_worker_run(j) for j in tqdm(jobs, desc="episodes", disable=not progress)]
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(bundle_dir, precision)) as pool:
+        return list(tqdm(pool.imap(_worker_run, jobs), total=len(jobs), desc="episodes", disable=not progress))
+
+
+@dataclass
+class EvalConfig:
+    """Defaults of `pocus eval guidance`; each is a command-line option."""
+
+    bundle: str | None = None          # bundle folder (default: the shipped one)
+    precision: str | None = "int8"     # the precision the app ships with
+    episodes: int = 10                 # per target view and policy (half near, half far starts)
+    views: tuple[str, ...] = VIEWS
+    seed: int = 0                      # draws the held-out patients and starts
+    fps: float = 15.0                  # simulated frame rate (the engine's timing is in simulated seconds)
+    wrong_way_sweep: tuple[float, ...] = (0.0, 0.2, 0.3)  # extra guided runs at these error rates
+    sweep_episodes: int = 4            # per view, for each sweep value
+    workers: int = 2
+    capture_margin: float | None = None   # engine override (None: EngineConfig's default)
+
+    def engine_config(self) -> Any:
+        from edge_app.engine import EngineConfig
+
+        return EngineConfig() if self.capture_margin is None else EngineConfig(capture_margin=self.capture_margin)
+
+
+def evaluate(cfg: EvalConfig, novice: NoviceParams, progress: bool = True) -> tuple[dict[str, Any], list[EpisodeResult]]:
+    """All policies on the same starts, plus the novice error-rate sweep. Returns (summary, episodes)."""
+    novice.validate()
+    views = [v.strip().upper() for v in cfg.views]
+    for v in views:
+        if v not in VIEWS:
+            raise ValueError(f"unknown view '{v}': choose from {', '.join(VIEWS)}")
+    starts = make_starts(views, cfg.episodes, cfg.seed)
+    engine = cfg.engine_config()
+    jobs = [(s, policy, novice, cfg.fps, i < 2 * len(views), engine) for policy in POLICIES for i, s in enumerate(starts)]
+    sweep_starts = make_starts(views, cfg.sweep_episodes, cfg.seed + 1) if cfg.wrong_way_sweep else []
+    sweep_jobs = [(s, "guided", replace(novice, wrong_way_p=p), cfg.fps, False, engine)
+                  for p in cfg.wrong_way_sweep for s in sweep_starts]
+    t0 = time.perf_counter()
+    results = run_jobs(jobs + sweep_jobs, cfg.bundle, cfg.precision, cfg.workers, progress)
+    main, sweep = results[:len(jobs)], results[len(jobs):]
+    summary = summarize(main, novice.give_up_s)
+    summary["sweep_wrong_way"] = []
+    for i, p in enumerate(cfg.wrong_way_sweep):
+        rs = sweep[i * len(sweep_starts):(i + 1) * len(sweep_starts)]
+        summary["sweep_wrong_way"].append({"wrong_way_p": p, **summarize(rs, novice.give_up_s)["policies"]["guided"]["overall"]})
+    summary["config"] = {**asdict(cfg), "novice": asdict(novice), "engine": asdict(engine)}
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    return summary, main
+
+
+def headline_table(summary: dict[str, Any]) -> str:
+    """Markdown table: policy x (success, median/p90 time, false captures, unavailable)."""
+    rows = ["| policy | success | median time (s) | p90 time (s) | false captures | guidance unavailable |",
+            "|---|---|---|---|---|---|"]
+    fmt = lambda x, f="{:.1f}": "-" if x is None else f.format(x)  # noqa: E731
+    for policy, block in summary["policies"].items():
+        o = block["overall"]
+        rows.append(f"| {policy} | {o['success_rate']:.0%} | {fmt(o['time_to_success_median_s'])} | "
+                    f"{fmt(o['time_to_success_p90_s'])} | {o['false_capture_rate']:.1%} | {o['unavailable_fraction']:.0%} |")
+    return "\n".join(rows)
+
+
+def write_report(out_dir: Path, summary: dict[str, Any], results: list[EpisodeResult]) -> Path:
+    """Markdown report with plots, and the JSON behind it. Returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with open(out_dir / "episodes.jsonl", "w") as f:
+        for r in results:
+            f.write(json.dumps(asdict(r)) + "\n")
+    give_up = summary["give_up_s"]
+    colors = {"guided": "tab:blue", "oracle": "tab:green", "unguided": "tab:gray"}
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    grid = np.linspace(0, give_up, 121)
+    for policy in summary["policies"]:
+        times = np.array([r.time_s for r in results if r.policy == policy and r.success])
+        n = sum(r.policy == policy for r in results)
+        ax.plot(grid, [(times <= g).sum() / max(n, 1) for g in grid], label=policy, color=colors[policy])
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("share of episodes with a diagnostic capture")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "success_vs_time.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    views = [v for v in VIEWS if any(r.target == v for r in results)]
+    width = 0.8 / max(len(summary["policies"]), 1)
+    for k, policy in enumerate(summary["policies"]):
+        rates = [summary["policies"][policy]["by_view"][v]["success_rate"] for v in views]
+        ax.bar(np.arange(len(views)) + k * width, rates, width, label=policy, color=colors[policy])
+    ax.set_xticks(np.arange(len(views)) + width * (len(summary["policies"]) - 1) / 2, views)
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "success_by_view.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for r in results:
+        if r.trajectory:
+            tr = np.array(r.trajectory)
+            ax.plot(tr[:, 2], tr[:, 1], "-", color=colors[r.policy], alpha=0.7, lw=1)
+            ax.plot(tr[0, 2], tr[0, 1], "o", color=colors[r.policy], ms=4)
+            ax.plot(tr[-1, 2], tr[-1, 1], "*" if r.success else "x", color=colors[r.policy], ms=8)
+    ax.set_xlabel("toward the patient's left (mm from the xiphoid)")
+    ax.set_ylabel("toward the head (mm from the xiphoid)")
+    ax.set_title("probe paths on the chest (o start, * success, x gave up)")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "trajectories.png", dpi=110)
+    plt.close(fig)
+
+    lines = ["# Closed-loop guidance evaluation", "",
+             f"Held-out simulated patients, {summary['config']['episodes']} episodes per view and policy "
+             f"(half near, half far starts), time limit {give_up:.0f} s of simulated time, "
+             f"bundle precision {summary['config']['precision']}. Wall time {summary['wall_s']} s.", "",
+             headline_table(summary), "", "## Per view (success rate)", "",
+             "| view | " + " | ".join(summary["policies"]) + " |", "|---" * (len(summary["policies"]) + 1) + "|"]
+    for v in views:
+        lines.append(f"| {v} | " + " | ".join(f"{summary['policies'][p]['by_view'][v]['success_rate']:.0%}"
+                                              for p in summary["policies"]) + " |")
+    lines += ["", "## Per start (guided)", ""]
+    for kind, block in summary["policies"].get("guided", {}).get("by_start", {}).items():
+        lines.append(f"- {kind}: success {block['success_rate']:.0%}, median time "
+                     f"{block['time_to_success_median_s'] if block['time_to_success_median_s'] is None else round(block['time_to_success_median_s'], 1)} s")
+    lines += ["", "## Novice error-rate sweep (guided)", "", "| wrong-way probability | success | median time (s) |", "|---|---|---|"]
+    for row in summary["sweep_wrong_way"]:
+        med = row["time_to_success_median_s"]
+        lines.append(f"| {row['wrong_way_p']:.2f} | {row['success_rate']:.0%} | {'-' if med is None else f'{med:.1f}'} |")
+    lines += ["", "![success vs time](success_vs_time.png)", "![by view](success_by_view.png)",
+              "![trajectories](trajectories.png)", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    d, n = EvalConfig(), NoviceParams()
+    parser.add_argument("--bundle", default=None,
+                        help="bundle folder (default: the shipped bundle); 'truth' runs the engine on the "
+                             "simulator's ground truth instead of a model, to separate engine from model failures")
+    parser.add_argument("--precision", default=d.precision, choices=["int8", "fp32", "fp16"], help="model file to run")
+    parser.add_argument("--episodes", type=int, default=d.episodes, help="episodes per target view and policy")
+    parser.add_argument("--views", nargs="+", default=list(d.views), help="target views")
+    parser.add_argument("--seed", type=int, default=d.seed, help="draws another set of held-out patients and starts")
+    parser.add_argument("--workers", type=int, default=d.workers, help="processes")
+    parser.add_argument("--wrong-way", type=float, default=n.wrong_way_p, help="novice's probability to move the wrong way")
+    parser.add_argument("--sweep", type=float, nargs="*", default=list(d.wrong_way_sweep),
+                        help="extra guided runs at these wrong-way probabilities (none: skip)")
+    parser.add_argument("--give-up", type=float, default=n.give_up_s, help="time limit per episode (simulated s)")
+    parser.add_argument("--capture-margin", type=float, default=None,
+                        help="engine's auto-capture margin over the diagnostic threshold (default: the engine's)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--out", default=None, help="folder for the Markdown report, plots and JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.episodes < 1:
+            raise ValueError("--episodes must be at least 1")
+        cfg = EvalConfig(bundle=args.bundle, precision=args.precision, episodes=args.episodes,
+                         views=tuple(args.views), seed=args.seed, wrong_way_sweep=tuple(args.sweep),
+                         workers=args.workers, capture_margin=args.capture_margin)
+        novice = NoviceParams(wrong_way_p=args.wrong_way, give_up_s=args.give_up)
+        summary, results = evaluate(cfg, novice, progress=not args.json)
+        if args.out:
+            report = write_report(Path(args.out), summary, results)
+            if not args.json:
+                print(f"report: {report}")
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(headline_table(summary))
+        return 0
+
+    return run

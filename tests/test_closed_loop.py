@@ -1,0 +1,138 @@
+"""Closed-loop evaluation: the simulated novice, episodes through the real engine, metrics, report."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devices.labels import ACTIONS, HOLD, POSE_SCALE
+from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, headline_table, make_starts,
+                                  run_episode, summarize, write_report)
+from helpers_engine import make_output
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = NoviceParams(give_up_s=20.0)
+
+
+class AlwaysHold:
+    """A model that always says 'hold still' and sees no view: must never lead to a capture."""
+
+    name, precision = "always-hold", "fp32"
+
+    def predict(self, image):
+        return make_output("OTHER", 0.9, quality=0.02, action="HOLD", action_conf=0.9)
+
+
+def test_starts_are_deterministic_and_on_held_out_patients():
+    a, b = make_starts(["A4C", "PLAX"], 4, seed=3), make_starts(["A4C", "PLAX"], 4, seed=3)
+    assert a == b
+    assert all(s.patient_seed >= 30000 for s in a)          # training / val / test use seeds < 30000
+    assert [s.kind for s in a[:4]] == ["near", "near", "far", "far"]
+    assert make_starts(["A4C"], 2, seed=4) != make_starts(["A4C"], 2, seed=3)
+
+
+def test_episode_is_deterministic_for_a_fixed_seed():
+    start = make_starts(["A4C"], 2, seed=0)[0]
+    r1 = run_episode(start, "guided", TruthPredictor(), replace(FAST, give_up_s=8.0))
+    r2 = run_episode(start, "guided", TruthPredictor(), replace(FAST, give_up_s=8.0))
+    assert r1 == r2
+
+
+@pytest.mark.parametrize("view", ["A4C", "PLAX", "SC4C"])
+def test_oracle_reaches_the_target_from_near_starts(view):
+    for start in [s for s in make_starts([view], 4, seed=0) if s.kind == "near"]:
+        r = run_episode(start, "oracle", TruthPredictor(), FAST)
+        assert r.success and r.captured and not r.false_capture, (view, start.patient_seed, r)
+        assert r.capture_quality >= 0.6 and r.time_s < FAST.give_up_s
+
+
+def test_a_model_that_always_says_hold_never_succeeds_from_far_starts():
+    for start in [s for s in make_starts(["A4C", "PSAX"], 2, seed=1) if s.kind == "far"]:
+        r = run_episode(start, "guided", AlwaysHold(), replace(FAST, give_up_s=10.0))
+        assert not r.success and not r.captured and r.time_s == 10.0
+
+
+def test_novice_follows_with_delay_and_holds_still_on_hold():
+    params = NoviceParams(reaction_s=0.4, move_s=0.5, step_mean=0.6, step_cv=0.0, wrong_way_p=0.0, tremor=0.0)
+    hand = Novice(params, np.random.default_rng(0))
+    dt = 1 / 15
+    moves = [hand.step(i * dt, dt, ACTIONS.index("SLIDE_HEAD")) for i in range(30)]
+    start = next(i for i, m in enumerate(moves) if np.any(m))
+    assert 0.4 <= start * dt <= 0.4 + dt + 1e-9             # reacts after the human delay
+    first = np.sum(moves[start:start + 8], axis=0)
+    assert first[0] == pytest.approx(0.6 * POSE_SCALE[0]) and np.allclose(first[1:], 0)
+    hand = Novice(params, np.random.default_rng(0))
+    assert not any(np.any(hand.step(i * dt, dt, HOLD)) for i in range(60))
+
+
+def test_novice_wrong_way_and_tremor():
+    params = NoviceParams(reaction_s=0.0, step_cv=0.0, wrong_way_p=1.0, tremor=0.05)
+    hand = Novice(params, np.random.default_rng(0))
+    total = np.sum([hand.step(i / 15, 1 / 15, ACTIONS.index("ROTATE_CW")) for i in range(10)], axis=0)
+    assert total[2] < 0                                      # always the opposite way
+    jitter = np.array([hand.tremor(1 / 15) for _ in range(3000)]) / POSE_SCALE
+    assert 0.03 < jitter.std() < 0.07
+    with pytest.raises(ValueError, match="wrong_way_p"):
+        NoviceParams(wrong_way_p=1.5).validate()
+
+
+def _result(policy, target, kind, success, captured, t, path=1.0, unavailable=0.0):
+    return EpisodeResult(policy, target, kind, 30000, success, captured, captured and not success, t, path,
+                         unavailable, 0.7 if success else (0.4 if captured else None))
+
+
+SCRIPTED = [
+    _result("guided", "A4C", "near", True, True, 4.0, 2.0, 0.1),
+    _result("guided", "A4C", "far", True, True, 10.0, 6.0, 0.0),
+    _result("guided", "PLAX", "near", False, True, 3.0, 1.0, 0.2),   # false capture
+    _result("guided", "PLAX", "far", False, False, 60.0, 9.0, 0.3),  # gave up
+    _result("oracle", "A4C", "near", True, True, 2.0),
+    _result("oracle", "PLAX", "far", True, True, 6.0),
+]
+
+
+def test_summary_metrics_on_scripted_episodes():
+    s = summarize(SCRIPTED, give_up_s=60.0)
+    g = s["policies"]["guided"]["overall"]
+    assert g["episodes"] == 4 and g["success_rate"] == 0.5 and g["false_capture_rate"] == 0.25
+    assert g["time_to_success_median_s"] == 7.0
+    assert g["time_to_success_p90_s"] == pytest.approx(4.0 + 0.9 * 6.0)
+    assert g["path_length_median"] == 4.0 and g["unavailable_fraction"] == pytest.approx(0.15)
+    assert s["policies"]["guided"]["by_view"]["PLAX"]["success_rate"] == 0.0
+    assert s["policies"]["guided"]["by_start"]["far"]["success_rate"] == 0.5
+    assert s["policies"]["oracle"]["overall"]["success_rate"] == 1.0
+    table = headline_table(s)
+    assert "| guided | 50% | 7.0 |" in table and "25.0%" in table
+
+
+def test_report_renders(tmp_path):
+    s = summarize(SCRIPTED, give_up_s=60.0)
+    s["sweep_wrong_way"] = [{"wrong_way_p": 0.2, **s["policies"]["guided"]["overall"]}]
+    s["config"] = {"episodes": 2, "precision": "int8"}
+    s["wall_s"] = 1.0
+    SCRIPTED[0].trajectory = [[0.0, 10.0, 5.0], [1.0, 12.0, 6.0]]
+    report = write_report(tmp_path / "eval", s, SCRIPTED)
+    text = report.read_text()
+    assert "| guided | 50% |" in text and "| 0.20 | 50% |" in text
+    for png in ("success_vs_time.png", "success_by_view.png", "trajectories.png"):
+        data = (tmp_path / "eval" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"({png})" in text
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["policies"]["guided"]
+    assert len((tmp_path / "eval" / "episodes.jsonl").read_text().splitlines()) == len(SCRIPTED)
+
+
+def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
+    cmd = [sys.executable, "-m", "edge_app.cli", "eval", "guidance"]
+    r = subprocess.run(cmd + ["--bundle", "truth", "--episodes", "1", "--views", "A4C", "--sweep", "--give-up", "4",
+                              "--workers", "1", "--json", "--out", str(tmp_path / "r")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(summary["policies"]) == {"guided", "oracle", "unguided"}
+    assert (tmp_path / "r" / "report.md").is_file()
+    r = subprocess.run(cmd + ["--views", "XYZ"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "unknown view 'XYZ'" in r.stderr and "Traceback" not in r.stderr
