@@ -318,6 +318,7 @@ class GuidanceState:
     target: str = ""
     quality: float = 0.0
     quality_threshold: float = QUALITY_DIAGNOSTIC
+    capture_level: float = QUALITY_DIAGNOSTIC   # quality the auto-capture waits for (threshold + margin)
     action: str | None = None
     instruction: str = UNAVAILABLE_PREFIX + safety.REASON_WAITING
     magnitude: float = 0.0
@@ -891,7 +892,9 @@ class GuidanceEngine:
         return (len(times) - 1) / (times[-1] - times[0])
 
     def _common_fields(self) -> dict[str, Any]:
-        return dict(target=self._target, quality_threshold=self.config.quality_threshold, captures=self._captures,
+        return dict(target=self._target, quality_threshold=self.config.quality_threshold,
+                    capture_level=min(1.0, self.config.quality_threshold + self.config.capture_margin),
+                    captures=self._captures,
                     protocol=self._protocol, protocol_step=self._step_i, recording=self._recorder is not None,
                     source_name=self.source_name, model_name=self.predictor.name,
                     precision=self.predictor.precision)

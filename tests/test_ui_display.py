@@ -66,6 +66,16 @@ def test_quality_is_clamped_and_nan_safe():
     assert describe(FakeState(quality_threshold=None)).threshold == QUALITY_DIAGNOSTIC
 
 
+def test_meter_marks_the_capture_level_when_the_engine_gives_one():
+    """The line on the meter is where auto-capture starts, not the bare diagnostic threshold."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(**asdict(FakeState(quality_threshold=0.6)), capture_level=0.8)
+    assert describe(state).threshold == 0.8
+    assert describe(FakeState(quality_threshold=0.6)).threshold == 0.6   # older engines: the threshold
+
+
 def test_view_text_and_protocol_progress():
     d = describe(FakeState(view="A4C", view_confidence=0.874, protocol=("PLAX", "PSAX"), protocol_step=1))
     assert d.view_text == "Seeing: A4C  87%"

@@ -7,7 +7,7 @@ Screen (1280x800 and up, touch targets >= 48 dp):
     stage        the live image (one texture, updated in place), the instruction icon over its
                  top-left corner (arrow on a body pictogram, rotation arc, tilt/rock fan, hold hand
                  with the auto-capture countdown ring, warning triangle), and the quality meter
-                 for the target with the diagnostic threshold marked (grey while unavailable)
+                 for the target with the capture level marked (grey while unavailable)
     side panel   protocol progress, CAPTURE, RECORD / STOP REC, captured clips (thumbnails)
     practice bar only on a movable virtual probe (devices.sim): buttons and keys that move it
                  (arrows slide, Q/E rotate, W/S tilt, A/D rock, C capture)

@@ -65,7 +65,7 @@ class Display:
         view_text: current view and confidence, e.g. "Seeing A4C  87%".
         target: target view name.
         quality: smoothed quality for the target, 0..1.
-        threshold: diagnostic quality threshold, 0..1.
+        threshold: quality at which the app auto-captures (capture level), 0..1.
         protocol_text: "Protocol 2/5: PSAX" or "" when no protocol runs.
         status_text: one line for the status bar.
         recording: whether the session is being recorded.
@@ -123,7 +123,8 @@ def describe(state: Any) -> Display:
     """
     get = (lambda name, default=None: getattr(state, name, default))  # noqa: E731
     quality = min(max(_f(get("quality")), 0.0), 1.0)
-    threshold = min(max(_f(get("quality_threshold"), QUALITY_DIAGNOSTIC), 0.0), 1.0)
+    # the meter marks where auto-capture starts (diagnostic threshold plus the engine's safety margin)
+    threshold = min(max(_f(get("capture_level", get("quality_threshold")), QUALITY_DIAGNOSTIC), 0.0), 1.0)
     target = str(get("target") or "")
     phase = str(get("state") or "NO_SIGNAL")
     action = get("action")

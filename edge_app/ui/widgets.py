@@ -325,7 +325,7 @@ class InstructionIcon(Widget):
 
 
 class QualityMeter(Widget):
-    """Vertical bar 0..1 with the diagnostic threshold marked; red below it, green at or above."""
+    """Vertical bar 0..1 with the capture level marked; red below it, green at or above."""
 
     quality = NumericProperty(0.0)
     threshold = NumericProperty(0.6)
@@ -346,7 +346,7 @@ class QualityMeter(Widget):
         self._title = Label(text="Quality", font_size=sp(20), color=COLORS["muted"], size_hint=(None, None))
         self.add_widget(self._value)
         self.add_widget(self._title)
-        self._tick_tex = text_texture("diagnostic", sp(16), bold=False)
+        self._tick_tex = text_texture("capture", sp(16), bold=False)
         self._tick_label.texture = self._tick_tex
         self.bind(pos=self._redraw, size=self._redraw, quality=self._redraw, threshold=self._redraw,
                   active=self._redraw, title=self._redraw)
