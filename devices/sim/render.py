@@ -29,6 +29,10 @@ _REF_DB = 13.0       # amplitude (dB re 1) shown as white at 0 dB gain
 _FIELD_N = 128       # speckle field cells per side (power of two)
 _FIELD_CELL_MM = 0.5
 _FIELD_SIGMA_MM = 0.6
+# Electronic (thermal) noise of the receive chain, grey levels (sd) on the log-compressed polar image.
+# A live probe's image is never bit-identical from frame to frame, even over lung or a still heart;
+# without it a probe held over a fully shadowed window would look like a frozen scanner to the app.
+_THERMAL_NOISE_GREY = 2.0
 _COARSE = (24, 48)   # (lines, samples) of the fixed grid that computes the acoustic factor
 _APERTURE_MM = 20.0  # near-field beam spread model for rib shadows (see _add_ribs)
 _BLOCKERS = (CLASS["bone"], CLASS["lung"], CLASS["outside"])
@@ -423,6 +427,9 @@ class Renderer:
         img = cv2.log(lin)
         img *= self.log_scale
         img += self.log_offset
+        # deterministic in t (same pose and t -> same image), new for every frame time
+        noise = np.random.default_rng(int(round(float(t) * 1e6)) & 0xFFFFFFFF).standard_normal(img.shape, np.float32)
+        img += noise * np.float32(_THERMAL_NOISE_GREY)
         np.clip(img, 0.0, 255.0, out=img)
         polar = img.astype(np.uint8)
         out = cv2.remap(polar, self._maps[0], self._maps[1], cv2.INTER_LINEAR,
