@@ -364,14 +364,24 @@ def evaluate(cfg: EvalConfig, novice: NoviceParams, progress: bool = True) -> tu
     return summary, main
 
 
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate over n episodes (honest error bars for small n)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def headline_table(summary: dict[str, Any]) -> str:
-    """Markdown table: policy x (success, median/p90 time, false captures, unavailable)."""
-    rows = ["| policy | success | median time (s) | p90 time (s) | false captures | guidance unavailable |",
+    """Markdown table: policy x (success with its 95 % interval, median/p90 time, false captures, unavailable)."""
+    rows = ["| policy | success (95 % interval) | median time (s) | p90 time (s) | false captures | guidance unavailable |",
             "|---|---|---|---|---|---|"]
     fmt = lambda x, f="{:.1f}": "-" if x is None else f.format(x)  # noqa: E731
     for policy, block in summary["policies"].items():
         o = block["overall"]
-        rows.append(f"| {policy} | {o['success_rate']:.0%} | {fmt(o['time_to_success_median_s'])} | "
+        lo, hi = wilson_interval(o["success_rate"], o["episodes"])
+        rows.append(f"| {policy} | {o['success_rate']:.0%} ({lo:.0%}-{hi:.0%}) | {fmt(o['time_to_success_median_s'])} | "
                     f"{fmt(o['time_to_success_p90_s'])} | {o['false_capture_rate']:.1%} | {o['unavailable_fraction']:.0%} |")
     return "\n".join(rows)
 

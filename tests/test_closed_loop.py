@@ -10,7 +10,7 @@ import pytest
 
 from devices.labels import ACTIONS, HOLD, POSE_SCALE
 from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, headline_table, make_starts,
-                                  run_episode, summarize, write_report)
+                                  run_episode, summarize, wilson_interval, write_report)
 from helpers_engine import make_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,9 @@ def test_summary_metrics_on_scripted_episodes():
     assert s["policies"]["guided"]["by_start"]["far"]["success_rate"] == 0.5
     assert s["policies"]["oracle"]["overall"]["success_rate"] == 1.0
     table = headline_table(s)
-    assert "| guided | 50% | 7.0 |" in table and "25.0%" in table
+    assert "| guided | 50% (15%-85%) | 7.0 |" in table and "25.0%" in table
+    assert wilson_interval(0.5, 50) == pytest.approx((0.366, 0.634), abs=0.001)
+    assert wilson_interval(1.0, 10)[1] == 1.0 and wilson_interval(0.0, 10)[0] == 0.0
 
 
 def test_report_renders(tmp_path):
@@ -116,7 +118,7 @@ def test_report_renders(tmp_path):
     SCRIPTED[0].trajectory = [[0.0, 10.0, 5.0], [1.0, 12.0, 6.0]]
     report = write_report(tmp_path / "eval", s, SCRIPTED)
     text = report.read_text()
-    assert "| guided | 50% |" in text and "| 0.20 | 50% |" in text
+    assert "| guided | 50% (15%-85%) |" in text and "| 0.20 | 50% |" in text
     for png in ("success_vs_time.png", "success_by_view.png", "trajectories.png"):
         data = (tmp_path / "eval" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
