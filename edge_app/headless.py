@@ -27,6 +27,7 @@ def state_to_json(state: GuidanceState) -> dict[str, Any]:
         "available": state.available, "reasons": list(state.reasons), "view": state.view,
         "view_confidence": round(state.view_confidence, 4), "target": state.target,
         "quality": round(state.quality, 4), "quality_threshold": round(state.quality_threshold, 4),
+        "capture_level": round(state.capture_level, 4),
         "action": state.action, "instruction": state.instruction, "magnitude": round(state.magnitude, 3),
         "hold_progress": round(state.hold_progress, 3), "fps": round(state.fps, 2),
         "latency_ms": round(state.latency_ms, 3), "dropped": state.dropped_frames,
@@ -38,7 +39,7 @@ def status_line(state: GuidanceState, width: int = 120) -> str:
     """One terminal line for a state, cut to `width` characters."""
     view = f"{state.view} {state.view_confidence:4.0%}" if state.view else "-"
     text = (f"{state.state:<9} | view {view} | target {state.target} q {state.quality:.2f}/"
-            f"{state.quality_threshold:.2f} | {state.instruction} | {state.fps:4.1f} fps "
+            f"{state.capture_level:.2f} | {state.instruction} | {state.fps:4.1f} fps "
             f"{state.latency_ms:5.1f} ms | drops {state.dropped_frames} | captures {len(state.captures)}")
     return text[:width]
 

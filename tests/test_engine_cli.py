@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_app.engine import EngineConfig
+
 REPO = Path(__file__).resolve().parents[1]
 # Runs the real CLI with a fake live source ("fakeus") registered and the scripted predictor.
 LAUNCH = ("import sys; sys.path.insert(0, 'tests'); import helpers_engine as h; h.register_fake_source(); "
@@ -41,6 +43,7 @@ def test_headless_json_two_seconds(tmp_path):
     last = per_frame[-1]
     assert last["state"] == "GUIDING" and last["action"] == "ROTATE_CW" and last["target"] == "PSAX"
     assert set(last) >= {"t", "available", "reasons", "view", "quality", "instruction", "fps", "latency_ms"}
+    assert last["capture_level"] == pytest.approx(last["quality_threshold"] + EngineConfig().capture_margin)
 
 
 def test_status_line_mode_and_no_display_message():
