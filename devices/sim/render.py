@@ -33,6 +33,7 @@ _FIELD_SIGMA_MM = 0.6
 # A live probe's image is never bit-identical from frame to frame, even over lung or a still heart;
 # without it a probe held over a fully shadowed window would look like a frozen scanner to the app.
 _THERMAL_NOISE_GREY = 2.0
+_NOISE_FIELDS = 8    # precomputed noise fields, one picked per frame time (drawing fresh noise cost 8 % of a render)
 _COARSE = (24, 48)   # (lines, samples) of the fixed grid that computes the acoustic factor
 _APERTURE_MM = 20.0  # near-field beam spread model for rib shadows (see _add_ribs)
 _BLOCKERS = (CLASS["bone"], CLASS["lung"], CLASS["outside"])
@@ -201,6 +202,7 @@ class Renderer:
         haze = np.abs(rng.standard_normal((g.n_lines, g.n_samples)) + 1j * rng.standard_normal((g.n_lines, g.n_samples)))
         haze = cv2.GaussianBlur(haze.astype(np.float32), (0, 0), sigmaX=max(0.5, 1.0 / g.dr), sigmaY=1.5)
         self.clutter = (s.clutter * 0.1 * np.exp(-g.r / 12.0)[None, :] * haze + 1e-4).astype(np.float32)
+        self.noise = (rng.standard_normal((_NOISE_FIELDS, g.n_lines, g.n_samples)) * _THERMAL_NOISE_GREY).astype(np.float32)
         self.field = speckle_field()
         self.field_offset = (np.asarray(speckle_offset_mm, dtype=np.float64) / _FIELD_CELL_MM + 2 ** 16)
         self._maps = self._scan_conversion_maps()
@@ -427,9 +429,9 @@ class Renderer:
         img = cv2.log(lin)
         img *= self.log_scale
         img += self.log_offset
-        # deterministic in t (same pose and t -> same image), new for every frame time
-        noise = np.random.default_rng(int(round(float(t) * 1e6)) & 0xFFFFFFFF).standard_normal(img.shape, np.float32)
-        img += noise * np.float32(_THERMAL_NOISE_GREY)
+        # a noise field picked by a hash of the frame time: same pose and t -> same image, and
+        # consecutive frames (any frame rate) mostly get different fields
+        img += self.noise[((int(round(float(t) * 1e3)) * 0x9E3779B1) >> 13) % _NOISE_FIELDS]
         np.clip(img, 0.0, 255.0, out=img)
         polar = img.astype(np.uint8)
         out = cv2.remap(polar, self._maps[0], self._maps[1], cv2.INTER_LINEAR,
