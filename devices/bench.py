@@ -380,12 +380,10 @@ def run_source_bench(n_frames: int = 30, height: int = 480, width: int = 640, pr
         results = []
         bar = None
         if progress:
-            try:
-                from tqdm import tqdm
-                import sys
-                bar = tqdm(total=len(cases) + 1, unit="kind", leave=False, disable=not sys.stderr.isatty())
-            except ImportError:
-                bar = None
+            import sys
+
+            from tqdm import tqdm
+            bar = tqdm(total=len(cases) + 1, unit="kind", leave=False, disable=not sys.stderr.isatty())
         for kind, fmt, make in cases:
             source, path = make()
             open_ms, fps, n = _time_source(source, n_frames)

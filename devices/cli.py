@@ -55,16 +55,9 @@ def _add_spec(parser: argparse.ArgumentParser) -> None:
 
 
 def _progress(total: float | None, unit: str):
-    """tqdm bar when tqdm is installed and stderr is a terminal, else a no-op."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None:
-        class _Null:
-            def update(self, n: float = 1) -> None: ...
-            def close(self) -> None: ...
-        return _Null()
+    """tqdm bar on stderr, shown only when stderr is a terminal."""
+    from tqdm import tqdm
+
     return tqdm(total=total, unit=unit, disable=not sys.stderr.isatty(), leave=False)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from devices.base import Frame, Source
+from edge_app.engine import BundlePredictor, EngineConfig, GuidanceEngine, timing_summary
 
 TARGET_P50_MS = 10.0
 TARGET_P99_MS = 25.0
@@ -79,7 +80,6 @@ def run_bench_e2e(args: argparse.Namespace) -> int:
 
 def _predictor_with_threads(args: argparse.Namespace) -> Any:
     from edge_app.bundle import load_bundle
-    from edge_app.engine import BundlePredictor
 
     return BundlePredictor(load_bundle(args.bundle, profile=args.profile, precision=args.precision,
                                        threads=args.threads))
@@ -152,13 +152,12 @@ def run_e2e(source: Source, predictor: Any, seconds: float, fps: float, warmup_s
         fps: pacing of the source.
         warmup_s: left out at the start.
         target: guidance target.
-        progress: tqdm bar on stderr (when tqdm is installed).
+        progress: tqdm bar on stderr.
         config: EngineConfig (default: live settings, latency budget kept).
 
     Returns:
         The result dict (see the module docstring).
     """
-    from edge_app.engine import EngineConfig, GuidanceEngine
 
     paced = PacedSource(source, fps)
     with source:
@@ -206,18 +205,11 @@ def _result(engine, paced: PacedSource, skip: int, offered: int, processed: int,
     e2e = read + take(st.latency_ms)
     e2e = e2e[np.isfinite(e2e)]
 
-    def pct(a: np.ndarray) -> dict[str, float | None]:
-        a = a[np.isfinite(a)]
-        if a.size == 0:
-            return {"p50": None, "p99": None, "mean": None}
-        return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
-                "mean": round(float(a.mean()), 3)}
-
-    latency = pct(e2e)
+    latency = timing_summary(e2e)
     total = latency["mean"] or float("nan")
     stage_out = {}
     for name, a in stages.items():
-        s = pct(a)
+        s = timing_summary(a)
         s["share"] = round(s["mean"] / total, 4) if s["mean"] is not None and total > 0 else None
         stage_out[name] = s
     times = np.array([t for t, _ in rss])
@@ -239,7 +231,7 @@ def _result(engine, paced: PacedSource, skip: int, offered: int, processed: int,
         "offered_fps": round(offered_fps, 2), "processed_fps": round(processed_fps, 2),
         "source_keeps_up": offered_fps >= 0.97 * fps,
         "pipeline_keeps_up": drop_fraction <= 0.01 and processed_fps >= 0.97 * min(fps, offered_fps or fps),
-        "latency_ms": latency, "engine_latency_ms": pct(take(st.latency_ms)),
+        "latency_ms": latency, "engine_latency_ms": timing_summary(take(st.latency_ms)),
         "meets_target": bool(latency["p50"] is not None and latency["p50"] <= TARGET_P50_MS
                              and latency["p99"] <= TARGET_P99_MS),
         "stages_ms": stage_out, "states": dict(st.states),   # whole run, warm-up included
@@ -249,10 +241,8 @@ def _result(engine, paced: PacedSource, skip: int, offered: int, processed: int,
 
 
 def _bar(total: float):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total, unit="s", desc="bench e2e", file=sys.stderr, leave=False,
                 bar_format="{desc}: {n:.0f}/{total:.0f} s |{bar}| {elapsed}")
 

@@ -302,11 +302,8 @@ def _worker_run(job: tuple[Start, str, NoviceParams, float, bool, Any]) -> Episo
 def run_jobs(jobs: list[tuple[Start, str, NoviceParams, float, bool, Any]], bundle_dir: str | None,
              precision: str | None, workers: int, progress: bool = True) -> list[EpisodeResult]:
     """Run episodes in `workers` processes (1 = in this process), with a progress bar."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with the [train] extra; without it there is simply no bar
-        def tqdm(it, **_):  # type: ignore[no-redef]
-            return it
+    from tqdm import tqdm
+
     if workers <= 1:
         _worker_init(bundle_dir, precision)
         return [_worker_run(j) for j in tqdm(jobs, desc="episodes", disable=not progress)]
@@ -373,16 +370,20 @@ def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _seconds(x: float | None) -> str:
+    """A time for the report tables: one decimal, '-' when no episode succeeded."""
+    return "-" if x is None else f"{x:.1f}"
+
+
 def headline_table(summary: dict[str, Any]) -> str:
     """Markdown table: policy x (success with its 95 % interval, median/p90 time, false captures, unavailable)."""
     rows = ["| policy | success (95 % interval) | median time (s) | p90 time (s) | false captures | guidance unavailable |",
             "|---|---|---|---|---|---|"]
-    fmt = lambda x, f="{:.1f}": "-" if x is None else f.format(x)  # noqa: E731
     for policy, block in summary["policies"].items():
         o = block["overall"]
         lo, hi = wilson_interval(o["success_rate"], o["episodes"])
-        rows.append(f"| {policy} | {o['success_rate']:.0%} ({lo:.0%}-{hi:.0%}) | {fmt(o['time_to_success_median_s'])} | "
-                    f"{fmt(o['time_to_success_p90_s'])} | {o['false_capture_rate']:.1%} | {o['unavailable_fraction']:.0%} |")
+        rows.append(f"| {policy} | {o['success_rate']:.0%} ({lo:.0%}-{hi:.0%}) | {_seconds(o['time_to_success_median_s'])} | "
+                    f"{_seconds(o['time_to_success_p90_s'])} | {o['false_capture_rate']:.1%} | {o['unavailable_fraction']:.0%} |")
     return "\n".join(rows)
 
 
@@ -457,12 +458,11 @@ def write_report(out_dir: Path, summary: dict[str, Any], results: list[EpisodeRe
                                               for p in summary["policies"]) + " |")
     lines += ["", "## Per start (guided)", ""]
     for kind, block in summary["policies"].get("guided", {}).get("by_start", {}).items():
-        lines.append(f"- {kind}: success {block['success_rate']:.0%}, median time "
-                     f"{block['time_to_success_median_s'] if block['time_to_success_median_s'] is None else round(block['time_to_success_median_s'], 1)} s")
+        lines.append(f"- {kind}: success {block['success_rate']:.0%}, "
+                     f"median time {_seconds(block['time_to_success_median_s'])} s")
     lines += ["", "## Novice error-rate sweep (guided)", "", "| wrong-way probability | success | median time (s) |", "|---|---|---|"]
     for row in summary["sweep_wrong_way"]:
-        med = row["time_to_success_median_s"]
-        lines.append(f"| {row['wrong_way_p']:.2f} | {row['success_rate']:.0%} | {'-' if med is None else f'{med:.1f}'} |")
+        lines.append(f"| {row['wrong_way_p']:.2f} | {row['success_rate']:.0%} | {_seconds(row['time_to_success_median_s'])} |")
     lines += ["", "![success vs time](success_vs_time.png)", "![by view](success_by_view.png)",
               "![trajectories](trajectories.png)", ""]
     report = out_dir / "report.md"

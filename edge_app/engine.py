@@ -8,9 +8,11 @@ States (GuidanceState.state):
     NO_SIGNAL  no frame yet, no new frame for `stale_timeout_s`, frozen, blank or saturated image;
     SEARCHING  frames arrive but the guidance is not trustworthy (not ultrasound-like / OOD,
                model unsure, inference too slow: `available` False), or no standard view is
-               recognised and the target is far (`available` True, no action, where-to-start hint);
+               recognised, the target is far and the model is not sure of the way (`available`
+               True, no action, where-to-start hint);
     GUIDING    one instruction toward the target (ACTIONS name, hysteresis + minimum dwell);
-    HOLD       smoothed target quality >= threshold, or the instruction is HOLD: keep still;
+    HOLD       smoothed target quality >= the capture level (threshold + capture_margin), or the
+               instruction is HOLD: keep still;
     CAPTURED   a clip was just saved (shown `captured_show_s`, then the next protocol view).
 
 Every time-dependent rule runs on `now` (the engine's clock for live sources, `Frame.t` for
@@ -225,8 +227,8 @@ class EngineConfig:
         capture_margin: auto-capture (and HOLD on quality alone) needs the smoothed quality this far
             above the diagnostic threshold. The shipped model's quality error near the threshold is
             about 0.1 (sd, held-out near-target frames): of frames it rates >= 0.6, 16 % are truly
-            below 0.6; of those it rates >= 0.8, 3 %. Safety first: 0.2 (closed loop, 30 episodes:
-            false captures 30 % at margin 0.1, 13 % at 0.2; docs/eval has the current figures).
+            below 0.6; of those it rates >= 0.8, 3 %. Safety first: 0.2 (closed loop: false captures
+            30 % at margin 0.1 over 30 episodes, 8-10 % at 0.2 over 50; docs/eval has the figures).
         hold_stuck_s: the model says HOLD (at the target) but quality stays under the capture level
             this long -> one fine correction along the largest axis of the predicted pose offset.
         clip_s: length of a saved clip (2-3 beats).
@@ -262,6 +264,11 @@ class EngineConfig:
     time_base: str = "clock"
     drop_stale: bool = True
 
+    @property
+    def capture_level(self) -> float:
+        """Smoothed quality that auto-capture (and HOLD on quality alone) waits for."""
+        return self.quality_threshold + self.capture_margin
+
     def resolved(self, manifest: Mapping[str, Any] | None = None) -> "EngineConfig":
         """A validated copy with None thresholds filled from `manifest['thresholds']` or defaults.
 
@@ -277,7 +284,8 @@ class EngineConfig:
         if out.max_ood_energy is None and th.get("ood_energy_max") is not None:
             out.max_ood_energy = float(th["ood_energy_max"])
         for name in ("smoothing_s", "min_dwell_s", "stale_timeout_s", "frozen_diff", "frozen_s",
-                     "search_distance", "capture_hold_s", "capture_margin", "hold_stuck_s", "clip_s", "captured_show_s", "rearm_margin"):
+                     "search_distance", "capture_hold_s", "capture_margin", "hold_stuck_s", "clip_s",
+                     "captured_show_s", "rearm_margin"):
             if not getattr(out, name) >= 0:
                 raise ValueError(f"engine setting {name} must be >= 0, got {getattr(out, name)}")
         if not 0 < out.latency_budget_ms:
@@ -742,12 +750,14 @@ class GuidanceEngine:
             return fields
 
         a = self._selector.update(action_probs, now)
-        if a == HOLD and quality < cfg.quality_threshold + cfg.capture_margin:
+        if quality >= cfg.capture_level:
+            self._forget_stuck_hold()
+            name, a = "HOLD", HOLD
+        elif a == HOLD:
             name, a = self._hold_or_fine_correction(pose, now)
         else:
-            self._hold_low_since, self._fine_until = None, -math.inf
-            name = "HOLD" if quality >= cfg.quality_threshold + cfg.capture_margin else "GUIDING"
-            a = HOLD if name == "HOLD" else a
+            self._forget_stuck_hold()
+            name = "GUIDING"
         action, text = ACTIONS[a], ACTION_TEXT[ACTIONS[a]]
         if now < self._captured_until:
             name, text = "CAPTURED", self._captured_text
@@ -779,7 +789,7 @@ class GuidanceEngine:
         if not self._armed and (state == "NO_SIGNAL" or quality < threshold - cfg.rearm_margin):
             self._armed = True      # the probe left the view (or the patient): the next good view counts again
         good = (self._armed and fields["available"] and state in ("HOLD", "GUIDING")
-                and quality >= threshold + cfg.capture_margin)
+                and quality >= cfg.capture_level)
         if not good:
             self._good_since = None
             return fields
@@ -858,6 +868,10 @@ class GuidanceEngine:
         """Forget the shown instruction and the capture / stuck-at-HOLD timers."""
         self._selector.reset()
         self._good_since = None
+        self._forget_stuck_hold()
+
+    def _forget_stuck_hold(self) -> None:
+        """No fine correction pending and no "HOLD at poor quality" timer running."""
         self._hold_low_since: float | None = None
         self._fine_until, self._fine_action = -math.inf, HOLD
 
@@ -893,7 +907,7 @@ class GuidanceEngine:
 
     def _common_fields(self) -> dict[str, Any]:
         return dict(target=self._target, quality_threshold=self.config.quality_threshold,
-                    capture_level=min(1.0, self.config.quality_threshold + self.config.capture_margin),
+                    capture_level=min(1.0, self.config.capture_level),
                     captures=self._captures,
                     protocol=self._protocol, protocol_step=self._step_i, recording=self._recorder is not None,
                     source_name=self.source_name, model_name=self.predictor.name,
@@ -989,6 +1003,15 @@ def _write_clip(path: Path, clip: list, meta: dict, is_best: bool) -> None:
             shutil.copyfile(src, src.with_name(f"best_{meta['view']}{src.suffix}"))
 
 
+def timing_summary(values: np.ndarray) -> dict[str, float | None]:
+    """p50 / p99 / mean (3 decimals) of the finite values; None each when there are none."""
+    a = values[np.isfinite(values)]
+    if a.size == 0:
+        return {"p50": None, "p99": None, "mean": None}
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
+            "mean": round(float(a.mean()), 3)}
+
+
 class _Ring:
     """Fixed-size float64 history (allocated and touched once, so memory stays flat)."""
 
@@ -1052,12 +1075,7 @@ class _Stats:
     def summary(self, skip: int = 0) -> dict[str, Any]:
         """Counts and p50/p99/mean of each timing (ms), ignoring the first `skip` kept frames (warm-up)."""
         def pct(ring: _Ring) -> dict[str, float | None]:
-            a = ring.values()[skip:]
-            a = a[np.isfinite(a)]
-            if a.size == 0:
-                return {"p50": None, "p99": None, "mean": None}
-            return {"p50": round(float(np.percentile(a, 50)), 3), "p99": round(float(np.percentile(a, 99)), 3),
-                    "mean": round(float(a.mean()), 3)}
+            return timing_summary(ring.values()[skip:])
 
         return {"received": self.received, "processed": self.processed, "states": dict(self.states),
                 "latency_ms": pct(self.latency_ms), "read_ms": pct(self.read_ms), "wait_ms": pct(self.wait_ms),

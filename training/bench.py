@@ -2,7 +2,8 @@
 
 Two figures, because on-the-fly training runs at the slower of the two: the training step on
 synthetic batches (forward + backward + AdamW, mixed precision on CUDA: the model-bound ceiling) and
-the labelled-frame rate of one DataLoader worker (render + augment + preprocess, `training.data`).
+the labelled-frame rate of one DataLoader worker (`training.data.SimStream`: render + augment +
+preprocess).
 """
 from __future__ import annotations
 
@@ -58,24 +59,16 @@ def step_rate(model_name: str, device: str, batch_size: int, steps: int, threads
 
 
 def data_rate(frames: int, augment_p: float = 0.3) -> float:
-    """Labelled frames/s of one worker: render (random scanner settings) + augment + preprocess."""
-    from devices.preprocess import preprocess
+    """Labelled frames/s of one DataLoader worker: the on-the-fly stream training uses (`SimStream`:
+    render with random scanner settings, augment, preprocess)."""
     from training.augment import Augment
-    from training.data import render_patient
+    from training.data import SimStream, render_patient
 
-    aug = Augment(augment_p)
-    import numpy as np
-
-    rng = np.random.default_rng(0)
     render_patient(1, 4)  # warm-up: imports, shared scatterer field
+    patients = max(1, -(-frames // 32))              # whole patients of 32 frames, as rendered
+    stream = SimStream(list(range(100, 100 + patients)), 32, Augment(augment_p))
     t = time.perf_counter()
-    done, seed = 0, 100
-    while done < frames:
-        shard = render_patient(seed, 32)
-        for img in shard["image"]:
-            preprocess(aug(img, rng), 128)  # as FrameDataset does per sample
-        done += len(shard["image"])
-        seed += 1
+    done = sum(1 for _ in stream)
     return done / (time.perf_counter() - t)
 
 

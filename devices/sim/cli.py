@@ -52,11 +52,9 @@ def gallery(patients: int = 3, size: int = 256, first_seed: int = 0, off_target:
     settings = ScanSettings(size_px=size)
     rows = []
     seeds = range(first_seed, first_seed + patients)
-    try:
-        from tqdm import tqdm
-        seeds = tqdm(seeds, desc="patients", disable=not progress)
-    except ImportError:
-        pass
+    from tqdm import tqdm
+
+    seeds = tqdm(seeds, desc="patients", disable=not progress)
     for seed in seeds:
         probe = SimulatedProbe(seed, settings=settings, realtime=False)
         rng = np.random.default_rng(seed)
