@@ -48,15 +48,17 @@ ACTION_TEXT: dict[str, str] = {
 }
 
 # Normalized pose distance under which the probe is "at" the target: the best action is HOLD when
-# the image there is diagnostic (quality >= QUALITY_DIAGNOSTIC) ...
+# the image there is good (quality >= QUALITY_GOOD) ...
 HOLD_RADIUS = 0.75
 # ... and always inside this smaller radius: closer than this there is nothing left to correct, a
 # poor image is the patient's window (rib or lung shadow), not the probe position.
 HOLD_RADIUS_MIN = 0.3
 # Normalized distance to the nearest target under which the frame is labelled as that view.
 VIEW_RADIUS = 2.0
-# Quality (0..1) at or above which an image is diagnostic (ASE-style grade 3 or better).
+# Quality (0..1) at or above which an image is diagnostic (ASE-style grade 3 or better) ...
 QUALITY_DIAGNOSTIC = 0.6
+# ... and good (grade 4 or better): between the two, a teacher says "diagnostic, now refine it".
+QUALITY_GOOD = 0.8
 
 
 def view_index(name: str) -> int:
@@ -76,10 +78,10 @@ def best_action(offset: np.ndarray, quality: np.ndarray | None = None) -> np.nda
     """Best single action for pose offsets [..., 5] (target - current): index into ACTIONS.
 
     HOLD inside HOLD_RADIUS_MIN, and inside HOLD_RADIUS when `quality` [...] (of the same target) is
-    diagnostic or not given; otherwise the axis with the largest normalized offset, in the direction
-    that reduces it. Moving along that axis always reduces the pose distance. With quality, a probe
-    near the target over a partly shadowed window is told to close the remaining gap instead of
-    holding a non-diagnostic image.
+    good (>= QUALITY_GOOD) or not given; otherwise the axis with the largest normalized offset, in the
+    direction that reduces it. Moving along that axis always reduces the pose distance. With quality,
+    a probe near the target with a merely diagnostic image (a tilted cut, a partly shadowed window)
+    is told to close the remaining gap instead of holding it.
     """
     z = np.asarray(offset, dtype=np.float64) / POSE_SCALE
     axis = np.argmax(np.abs(z), axis=-1)
@@ -88,7 +90,7 @@ def best_action(offset: np.ndarray, quality: np.ndarray | None = None) -> np.nda
     dist = np.linalg.norm(z, axis=-1)
     hold = dist <= HOLD_RADIUS
     if quality is not None:
-        hold &= (np.asarray(quality) >= QUALITY_DIAGNOSTIC) | (dist <= HOLD_RADIUS_MIN)
+        hold &= (np.asarray(quality) >= QUALITY_GOOD) | (dist <= HOLD_RADIUS_MIN)
     return np.where(hold, HOLD, action)
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from devices.labels import ACTIONS, HOLD, HOLD_RADIUS_MIN, QUALITY_DIAGNOSTIC, action_delta, HOLD_RADIUS, OTHER, POSE_SCALE, VIEW_LABELS, VIEWS, pose_distance
+from devices.labels import ACTIONS, HOLD, HOLD_RADIUS_MIN, QUALITY_GOOD, action_delta, HOLD_RADIUS, OTHER, POSE_SCALE, VIEW_LABELS, VIEWS, pose_distance
 from tests.helpers_sim import CLEAR_SEEDS, probe
 
 
@@ -40,7 +40,7 @@ def test_label_types_and_shapes():
 @pytest.mark.parametrize("view", VIEWS)
 @pytest.mark.parametrize("axis", range(5))
 def test_quality_falls_monotonically_moving_away(view, axis):
-    """The pose part of the quality (quality / acoustic) falls monotonically along every axis."""
+    """The geometric part of the quality (quality / acoustic) falls monotonically along every axis."""
     pr = probe(0)
     target = pr.target_pose(view)
     i = VIEWS.index(view)
@@ -52,7 +52,31 @@ def test_quality_falls_monotonically_moving_away(view, axis):
         lab = pr.labels(pose)
         qs.append(lab["quality"][i] / max(lab["acoustic"], 1e-9))
     assert all(a >= b - 1e-6 for a, b in zip(qs, qs[1:])), qs
-    assert qs[0] == pytest.approx(1.0) and qs[-1] < 0.05
+    # 4 units of turning the beam leave a poor image; a slide within the plane keeps the cut,
+    # only moves the heart off the centre line
+    assert qs[0] == pytest.approx(1.0) and qs[-1] < (0.5 if axis < 2 else 0.05)
+
+
+def test_a_slide_compensated_by_a_tilt_keeps_the_cut_and_the_quality():
+    """Quality is measured on the cut through the heart: sliding 15 mm out of the SC4C plane and
+    tilting the beam back onto the heart gives (nearly) the target image, and a good quality, though
+    the probe is far from the canonical pose; the uncompensated slide does not."""
+    from scipy.ndimage import gaussian_filter
+
+    pr = probe(3)
+    i = VIEWS.index("SC4C")
+    target = pr.target_pose("SC4C")
+    slid = target + np.array([15.0, 0, 0, 0, 0])
+    tilts = np.linspace(-25.0, 25.0, 101)
+    back = min((slid + np.array([0, 0, 0, t, 0]) for t in tilts), key=lambda p: pr.plane_distance(p)[i])
+    assert pose_distance(pr.labels(back)["pose_offset"][i]) > 1.5
+    assert pr.plane_distance(back)[i] < 0.5 < 1.0 < pr.plane_distance(slid)[i]
+
+    def smooth(pose):
+        return gaussian_filter(pr.render(pose, 0.0)[0].astype(np.float32), 3)
+
+    ref = smooth(target)
+    assert np.abs(smooth(back) - ref).mean() < np.abs(smooth(slid) - ref).mean()
 
 
 def test_best_action_reduces_the_distance_and_hold_only_near_target():
@@ -66,9 +90,9 @@ def test_best_action_reduces_the_distance_and_hold_only_near_target():
             a = int(lab["action"][i])
             if a == HOLD:
                 assert d0 <= HOLD_RADIUS + 1e-6
-                assert lab["quality"][i] >= QUALITY_DIAGNOSTIC or d0 <= HOLD_RADIUS_MIN + 1e-6
+                assert lab["quality"][i] >= QUALITY_GOOD or d0 <= HOLD_RADIUS_MIN + 1e-6
                 continue
-            assert d0 > HOLD_RADIUS or (d0 > HOLD_RADIUS_MIN and lab["quality"][i] < QUALITY_DIAGNOSTIC)
+            assert d0 > HOLD_RADIUS or (d0 > HOLD_RADIUS_MIN and lab["quality"][i] < QUALITY_GOOD)
             after = pr.labels(pose + action_delta(a, 0.25))
             assert pose_distance(after["pose_offset"][i]) < d0, (view, ACTIONS[a])
 
@@ -94,7 +118,8 @@ def test_labels_agree_with_render_and_do_not_depend_on_output_size():
 
 @pytest.mark.parametrize("view", VIEWS)
 def test_oracle_novice_reaches_hold_from_its_window(view):
-    """A novice who follows the true best action in half steps reaches HOLD in < 60 moves."""
+    """A novice who follows the true best action in half steps (fine steps after 40 moves: a half
+    step can overshoot a small offset back and forth) reaches HOLD in < 60 moves."""
     i = VIEWS.index(view)
     for seed in (0, 7):
         pr = probe(seed)
@@ -105,7 +130,7 @@ def test_oracle_novice_reaches_hold_from_its_window(view):
                 a = int(pr.labels()["action"][i])
                 if a == HOLD:
                     break
-                pr.move(a, step=0.5)
+                pr.move(a, step=0.5 if step < 40 else 0.2)
             assert a == HOLD, (seed, view, pr.pose)
 
 
@@ -126,11 +151,12 @@ def test_sample_pose_modes_and_errors():
         pr.target_pose("OTHER")
 
 
-def test_hold_needs_a_diagnostic_image_unless_right_at_the_target():
+def test_hold_needs_a_good_image_unless_right_at_the_target():
     from devices.labels import best_action
 
     offset = np.array([[5.0, 0, 0, 0, 0]] * 3)          # 0.5 normalized units: inside HOLD_RADIUS
     at = np.array([[2.0, 0, 0, 0, 0]])                  # 0.2: inside HOLD_RADIUS_MIN
     assert best_action(offset).tolist() == [HOLD] * 3   # no quality given: pose alone
-    assert best_action(offset, np.array([0.8, 0.6, 0.4])).tolist() == [HOLD, HOLD, ACTIONS.index("SLIDE_HEAD")]
+    slide = ACTIONS.index("SLIDE_HEAD")
+    assert best_action(offset, np.array([0.8, 0.7, 0.4])).tolist() == [HOLD, slide, slide]
     assert best_action(at, np.array([0.1])).tolist() == [HOLD]

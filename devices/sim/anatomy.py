@@ -271,7 +271,7 @@ class Anatomy:
         self.mitral0 = apex - pt.lv_length_mm * a1   # mitral annulus centre at end-diastole
         self.wall_depth_mm = pt.fat_mm + pt.muscle_mm
         self._build()
-        self.targets = self._targets()
+        self.targets, self.aims = self._targets()
         self._fit_windows()
 
     # heart frame -> patient frame
@@ -491,12 +491,13 @@ class Anatomy:
             t = next(r for r in roots if r > 0)
         return point + t * d
 
-    def _targets(self) -> dict[str, np.ndarray]:
-        """Target pose [5] of each standard view, from this patient's anatomy."""
+    def _targets(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Target pose [5] of each standard view, and the heart point [3] its beam aims at (mm)."""
         pt = self.patient
         a1, a2, a3 = self.a1, self.a2, self.a3
         L, Rc = pt.lv_length_mm, pt.chest_radius_mm
         targets: dict[str, np.ndarray] = {}
+        aims: dict[str, np.ndarray] = {}
         # PLAX: plane through the LV long axis and the aortic valve; beam perpendicular to the long
         # axis at the base (septum and posterior wall horizontal); marker toward the aortic root.
         e = self.e_plax if self.e_plax[2] > 0 else -self.e_plax
@@ -509,7 +510,7 @@ class Anatomy:
         pz /= np.linalg.norm(pz)
         d = (e + pz) / np.linalg.norm(e + pz)
         p = self._skin_hit(m, d)
-        targets["PLAX"] = pose_from_axes(p[0], p[1], m - p, -a1, Rc)
+        targets["PLAX"], aims["PLAX"] = pose_from_axes(p[0], p[1], m - p, -a1, Rc), m
         # PSAX (mid-papillary): same spot, beam to the LV centre at mid length, plane as close to
         # perpendicular to the long axis as the beam allows; marker toward the left shoulder.
         # The probe stays in the same intercostal space: it slides so that the tilted beam crosses the
@@ -526,13 +527,13 @@ class Anatomy:
             shift = cross_plax - np.array(self._rib_crossing(psax))
             ps = np.array([ps[0] + shift[0], ps[1] + shift[1], 0.0])
             ps[2] = skin_z(ps[0], Rc)
-        targets["PSAX"] = psax
+        targets["PSAX"], aims["PSAX"] = psax, m2
         # A4C: from the apex along the long axis; plane through both AV valves; LV on screen right.
         apex = np.array(pt.apex_mm)
         pa = self._skin_hit(apex, a1)
         crux = self.H(0.0, 0.45 * (pt.lv_radius_mm + pt.wall_mm), 0.0)
         w = (crux - pa) / np.linalg.norm(crux - pa)
-        targets["A4C"] = pose_from_axes(pa[0], pa[1], w, -a2, Rc)
+        targets["A4C"], aims["A4C"] = pose_from_axes(pa[0], pa[1], w, -a2, Rc), crux
         # A2C: from the same apical spot, the plane through the LV long axis turned 60 degrees
         # counter-clockwise (seen from behind the probe) from the four-chamber plane: LV and LA only.
         mc = self.H(0.0, 0.0, 0.0)
@@ -542,6 +543,7 @@ class Anatomy:
         cands = [pose_from_axes(pa[0], pa[1], w, sgn * lat, Rc) for sgn in (1.0, -1.0)]
         want = targets["A4C"][2] - 60.0
         targets["A2C"] = min(cands, key=lambda c: abs((c[2] - want + 180.0) % 360.0 - 180.0))
+        aims["A2C"] = mc
         # SC4C: below the xiphoid, beam up under the ribs to the heart, plane close to the 4C plane,
         # marker to the patient's left.
         xs, ys = pt.subcostal_mm
@@ -550,8 +552,8 @@ class Anatomy:
         w = (aim - ps) / np.linalg.norm(aim - ps)
         u = np.cross(w, a3)
         u = u if u[0] > 0 else -u
-        targets["SC4C"] = pose_from_axes(xs, ys, w, u, Rc)
-        return targets
+        targets["SC4C"], aims["SC4C"] = pose_from_axes(xs, ys, w, u, Rc), aim
+        return targets, aims
 
     def rib_depth_mm(self) -> float:
         """Depth of the rib centres below the skin."""

@@ -3,8 +3,10 @@
 Labels (what the model learns, one definition for training and evaluation):
     pose_offset  float32 [5 views, 5 axes]  target - current (mm, deg; rotation wrapped to [-180, 180))
     action       int64 [5]   devices.labels.best_action(pose_offset, quality): HOLD within HOLD_RADIUS
-                             if the quality is diagnostic, always within HOLD_RADIUS_MIN
-    quality      float32 [5] exp(-0.5 * pose_distance^2) * acoustic
+                             if the quality is good (QUALITY_GOOD), always within HOLD_RADIUS_MIN
+    quality      float32 [5] exp(-0.5 * plane_distance^2) * acoustic, where plane_distance compares the
+                 cut through the heart with the target's (SimulatedProbe.plane_distance), not the probe
+                 pose on the skin: a slide that a tilt undoes shows the same image and gets the same quality
     acoustic     float       visible_heart * depth_factor * gain_factor * range_factor, where
                  visible_heart = fraction of the heart samples in the sector (fixed 24 x 48 polar grid,
                      independent of the output size) with no bone or air in front of them on their
@@ -29,7 +31,7 @@ from devices.base import Frame, Source, SourceError
 from devices.labels import (ACTIONS, OTHER, POSE_SCALE, VIEW_LABELS, VIEW_RADIUS, VIEWS, action_delta, best_action,
                             pose_distance, view_index)
 from devices.sim.anatomy import Anatomy, Patient, make_patient
-from devices.sim.pose import clip_pose, pose_matrix, wrap_offset
+from devices.sim.pose import clip_pose, pose_matrix, probe_axes, wrap_offset
 from devices.sim.render import Renderer, ScanSettings
 
 WINDOWS: dict[str, tuple[str, ...]] = {
@@ -40,6 +42,12 @@ WINDOWS: dict[str, tuple[str, ...]] = {
 WINDOW_OF = {v: w for w, views in WINDOWS.items() for v in views}
 SAMPLE_MODES = ("near", "window", "random")
 _MIN_ACOUSTIC_FOR_VIEW = 0.3
+# One unit of image-plane mismatch (see plane_distance): turning the imaging plane or beam by this much,
+PLANE_ANGLE_DEG = 10.0
+# moving the aimed heart point this far out of the imaging plane,
+PLANE_OFFSET_MM = 10.0
+# or seeing it this far off the sector's centre line.
+CENTRE_ANGLE_DEG = 10.0
 
 
 class SimSpecError(SourceError, ValueError):
@@ -89,6 +97,8 @@ class SimulatedProbe(Source):
         if settings is not None and not isinstance(settings, ScanSettings):
             raise ValueError(f"settings must be a ScanSettings, got {type(settings).__name__}")
         self._targets = np.stack([self.anatomy.targets[v] for v in VIEWS])      # [V, 5]
+        self._aims = np.stack([self.anatomy.aims[v] for v in VIEWS])            # [V, 3] mm
+        self._target_axes = np.stack([probe_axes(t, self.patient.chest_radius_mm)[1] for t in self._targets])
         offset_rng = np.random.default_rng([self.patient.seed, 77])
         self._speckle_offset = offset_rng.uniform(0.0, 64.0, 3)
         self._settings = settings or ScanSettings()
@@ -199,11 +209,30 @@ class SimulatedProbe(Source):
         return clip_pose(rng.uniform(lo, hi))
 
     # ------------------------------------------------------------------------------ truth
+    def plane_distance(self, pose: np.ndarray | None = None) -> np.ndarray:
+        """How far the image at `pose` is from each target view's image [V], in units of one adjustment.
+
+        Measured on the cut through the heart, not on the skin: the rotation between the probe's and
+        the target's axes (PLANE_ANGLE_DEG), the target's aimed heart point out of the imaging plane
+        (PLANE_OFFSET_MM) and off the sector's centre line (CENTRE_ANGLE_DEG). A slide that a tilt
+        compensates leaves the same cut and the same image, and the same quality; the pose offset
+        (what the hand must do to reach the canonical target) still counts both.
+        """
+        pose = self._pose if pose is None else clip_pose(pose)
+        p, r = probe_axes(pose, self.patient.chest_radius_mm)
+        cos_turn = (np.einsum("vij,ij->v", self._target_axes, r) - 1.0) / 2.0
+        turn = np.degrees(np.arccos(np.clip(cos_turn, -1.0, 1.0)))
+        to_aim = self._aims - p[None, :]                                               # [V, 3]
+        lateral, out_of_plane, depth = to_aim @ r[:, 0], to_aim @ r[:, 1], to_aim @ r[:, 2]
+        off_centre = np.degrees(np.arctan2(np.abs(lateral), depth))
+        return np.sqrt((turn / PLANE_ANGLE_DEG) ** 2 + (out_of_plane / PLANE_OFFSET_MM) ** 2
+                       + (off_centre / CENTRE_ANGLE_DEG) ** 2)
+
     def _labels(self, pose: np.ndarray, t: float, visible: float) -> dict[str, Any]:
         offset = wrap_offset(self._targets - pose[None, :])                             # [V, 5]
         dist = pose_distance(offset)
         acoustic = float(visible * self._settings_factor)
-        quality = np.exp(-0.5 * dist ** 2) * acoustic
+        quality = np.exp(-0.5 * self.plane_distance(pose) ** 2) * acoustic
         nearest = int(np.argmin(dist))
         ok = dist[nearest] <= VIEW_RADIUS and acoustic >= _MIN_ACOUSTIC_FOR_VIEW
         return {
