@@ -59,7 +59,7 @@ def test_full_walk_through_every_state():
     assert (s.state, s.action, s.instruction) == ("GUIDING", "ROTATE_CW", ACTION_TEXT["ROTATE_CW"])
     assert s.magnitude == pytest.approx(1.5, abs=0.02)
     # Diagnostic quality: HOLD, and after capture_hold_s: CAPTURED, then the next protocol view.
-    states = feed.run(2.5, output=make_output("A4C", 0.95, quality=0.9, action="HOLD"), predictor=pred)
+    states = feed.run(3.0, output=make_output("A4C", 0.95, quality=0.95, action="HOLD"), predictor=pred)
     names = [x.state for x in states]
     assert "HOLD" in names and "CAPTURED" in names
     assert names.index("HOLD") < names.index("CAPTURED")
@@ -213,7 +213,7 @@ def test_a_lasting_change_of_action_shows_after_smoothing_and_dwell():
 
 
 def test_quality_threshold_means_hold_whatever_the_action_head_says():
-    engine, _ = make_engine(make_output(quality=0.8, action="SLIDE_LEFT"), capture_hold_s=100)
+    engine, _ = make_engine(make_output(quality=0.9, action="SLIDE_LEFT"), capture_hold_s=100)
     s = Feeder(engine).run(0.5)[-1]
     assert (s.state, s.action) == ("HOLD", "HOLD") and s.instruction.startswith("Hold still")
     assert 0 < s.hold_progress < 0.1
