@@ -212,6 +212,15 @@ def test_a_lasting_change_of_action_shows_after_smoothing_and_dwell():
     assert all(s.action == "ROCK_AWAY" for s in states[switch:])
 
 
+def test_diagnostic_but_under_the_capture_level_says_nearly_there():
+    """Between the diagnostic threshold and the capture level the app still guides, and says why."""
+    engine, _ = make_engine(make_output(quality=0.7, action="SLIDE_LEFT"))
+    s = Feeder(engine).run(1.0)[-1]
+    assert engine.config.quality_threshold <= s.quality < engine.config.capture_level
+    assert (s.state, s.action) == ("GUIDING", "SLIDE_LEFT")
+    assert s.instruction == "Nearly there: " + ACTION_TEXT["SLIDE_LEFT"][0].lower() + ACTION_TEXT["SLIDE_LEFT"][1:]
+
+
 def test_quality_threshold_means_hold_whatever_the_action_head_says():
     engine, _ = make_engine(make_output(quality=0.9, action="SLIDE_LEFT"), capture_hold_s=100)
     s = Feeder(engine).run(0.5)[-1]
