@@ -218,7 +218,10 @@ class SimulatedProbe(Source):
         compensates leaves the same cut and the same image, and the same quality; the pose offset
         (what the hand must do to reach the canonical target) still counts both.
         """
-        pose = self._pose if pose is None else clip_pose(pose)
+        return self._plane_distance(self._pose if pose is None else clip_pose(pose))
+
+    def _plane_distance(self, pose: np.ndarray) -> np.ndarray:
+        """plane_distance of an already clipped pose (the per-frame label path clips once)."""
         p, r = probe_axes(pose, self.patient.chest_radius_mm)
         cos_turn = (np.einsum("vij,ij->v", self._target_axes, r) - 1.0) / 2.0
         turn = np.degrees(np.arccos(np.clip(cos_turn, -1.0, 1.0)))
@@ -232,7 +235,7 @@ class SimulatedProbe(Source):
         offset = wrap_offset(self._targets - pose[None, :])                             # [V, 5]
         dist = pose_distance(offset)
         acoustic = float(visible * self._settings_factor)
-        quality = np.exp(-0.5 * self.plane_distance(pose) ** 2) * acoustic
+        quality = np.exp(-0.5 * self._plane_distance(pose) ** 2) * acoustic
         nearest = int(np.argmin(dist))
         ok = dist[nearest] <= VIEW_RADIUS and acoustic >= _MIN_ACOUSTIC_FOR_VIEW
         return {
