@@ -210,7 +210,8 @@ class EngineConfig:
         frozen_diff: grey levels (mean absolute difference of 64x64 thumbnails); consecutive frames
             closer than this count as identical. A live heart or a hand-held probe moves the
             image by ~0.5-4; a paused scanner through a capture card gives ~0-0.1.
-        frozen_s: image unchanged this long -> "frozen image" (a heartbeat always moves the image).
+        frozen_s: image unchanged this long -> "frozen image" (a heartbeat always moves the image;
+            a near-black frame, a still probe over lung, is exempt: safety.FROZEN_MAX_DARK_FRACTION).
         quality_threshold: diagnostic quality (manifest thresholds.quality_diagnostic, else
             devices.labels.QUALITY_DIAGNOSTIC).
         min_confidence: smoothed max view softmax below this -> "model unsure" (manifest
@@ -681,7 +682,7 @@ class GuidanceEngine:
             signal = []
             if check.blank or check.saturated:
                 signal.append(safety.REASON_BLANK)
-            if frozen_for > cfg.frozen_s:
+            if frozen_for > cfg.frozen_s and check.dark_fraction <= safety.FROZEN_MAX_DARK_FRACTION:
                 signal.append(safety.REASON_FROZEN)
 
             out = None

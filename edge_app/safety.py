@@ -5,7 +5,7 @@ The engine withholds the instruction, and says why, whenever one of these holds:
 - no new frame for longer than the stale timeout (checked by the engine on its clock);
 - frozen image: consecutive frames (near-)identical for longer than ~1 s (a paused scanner, a
   stuck capture card), measured on a 64x64 area-averaged thumbnail so video-compression noise
-  does not count as motion;
+  does not count as motion; not on a near-black frame (> 90 % dark: a still probe over lung);
 - blank or saturated image: nothing brighter than near-black, a uniform field of any grey, or a
   large share of clipped white;
 - not ultrasound-like: a cardiac phased-array B-mode image is mostly dark (the corners outside the
@@ -49,6 +49,11 @@ SATURATED_LEVEL = 250
 SATURATED_FRACTION = 0.25
 # Frozen: mean absolute difference between consecutive 64x64 thumbnails below this (grey levels).
 FROZEN_THUMB = 64
+# ... judged only on frames with tissue in them: a still probe over lung or a rib shows a near-black
+# frame (only the skin line moves, by less than capture-card noise); calling that "frozen" withholds
+# the very instruction that would bring the probe back to the heart. Above this dark share it is not
+# a frozen-image verdict; the model then says "no heart here".
+FROZEN_MAX_DARK_FRACTION = 0.9
 _LEVELS = np.arange(256, dtype=np.float64)
 _LEVELS_SQ = _LEVELS ** 2
 

@@ -109,6 +109,19 @@ def test_near_identical_frames_count_as_frozen():
     assert "frozen image" in Feeder(engine).run(1.0, image=jitter)[-1].reasons
 
 
+def test_a_still_probe_over_lung_is_not_a_frozen_image():
+    # Near-black frame, only the skin line bright (as the simulator draws a probe over lung): the
+    # model must still be asked, so the app can say where the heart is instead of "frozen image".
+    engine, pred = make_engine(frozen_s=0.5)
+    dark = np.zeros((96, 96), np.uint8)
+    dark[:6, 33:63] = 120                       # 2 % of the frame
+    states = Feeder(engine).run(1.5, image=lambda t: dark.copy())
+    assert all("frozen image" not in s.reasons for s in states)
+    assert pred.calls == len(states)
+    # the same frame with tissue in it does freeze
+    assert "frozen image" in Feeder(make_engine(frozen_s=0.5)[0]).run(1.5, image=lambda t: us_image(0.0))[-1].reasons
+
+
 @pytest.mark.parametrize("image", [np.zeros((96, 96), np.uint8), np.full((96, 96), 128, np.uint8),
                                    np.full((96, 96), 255, np.uint8), checkerboard_image(lo=0, hi=255)],
                          ids=["black", "flat-grey", "white", "saturated-checkerboard"])
