@@ -23,7 +23,7 @@ def test_target_pose_is_labelled_as_its_view_with_high_quality(seed, view):
     assert lab["action"][i] == HOLD
     np.testing.assert_allclose(lab["pose_offset"][i], 0.0, atol=1e-4)
     assert lab["quality"][i] == pytest.approx(lab["acoustic"])
-    assert lab["quality"][i] >= (0.9 if view != "PSAX" else 0.55)
+    assert lab["quality"][i] >= 0.9  # PSAX too: its rib shadows fall at the sector edges
 
 
 def test_label_types_and_shapes():
@@ -160,3 +160,15 @@ def test_hold_needs_a_good_image_unless_right_at_the_target():
     slide = ACTIONS.index("SLIDE_HEAD")
     assert best_action(offset, np.array([0.8, 0.7, 0.4])).tolist() == [HOLD, slide, slide]
     assert best_action(at, np.array([0.1])).tolist() == [HOLD]
+
+
+def test_a_rib_shadow_costs_less_at_the_sector_edge_than_on_the_centre_line():
+    r = probe(0)._renderer
+    heart = int(np.flatnonzero(r.layer_heart)[0])
+    n_lines, n_samples = r.coarse.n_lines, r.coarse.n_samples
+    clear = np.full((n_lines, n_samples), heart)
+    edge, centre = clear.copy(), clear.copy()
+    edge[:3, 0] = r.RIB_ID                                   # three lines at one edge
+    centre[n_lines // 2 - 1:n_lines // 2 + 2, 0] = r.RIB_ID  # three lines in the middle
+    assert r._visible_fraction(clear) == pytest.approx(1.0)
+    assert 1.0 > r._visible_fraction(edge) > 1.0 - 3 / n_lines > r._visible_fraction(centre) > 0.0

@@ -10,7 +10,9 @@ Labels (what the model learns, one definition for training and evaluation):
     acoustic     float       visible_heart * depth_factor * gain_factor * range_factor, where
                  visible_heart = fraction of the heart samples in the sector (fixed 24 x 48 polar grid,
                      independent of the output size) with no bone or air in front of them on their
-                     scan line (rib and lung shadow), 0 when no heart is in the sector;
+                     scan line (rib and lung shadow), 0 when no heart is in the sector; scan lines
+                     weighted cos(90 deg x angle / half sector): a shadow at the sector's edge costs
+                     little, one on the centre line a lot (Renderer.line_weight);
                  depth_factor = 1 for depth in [130, 220] mm, falling linearly to 0 at 80 mm (heart cut
                      off) and to 0.5 at 300 mm (heart small);
                  gain_factor = 1 for |gain_db| <= 10, exp(-0.5 ((|gain_db| - 10) / 8)^2) beyond;

@@ -153,6 +153,9 @@ class Renderer:
         self.settings = s = settings
         self.grid = g = _Grid(s, s.lines, s.samples)
         self.coarse = _Grid(s, *_COARSE)
+        # A sonographer judges the structures in the middle of the sector: rib shadows at its edges
+        # (usual in PSAX, whose plane crosses the ribs) cost little, a shadow on the centre line a lot.
+        self.line_weight = np.cos(0.5 * np.pi * self.coarse.theta / self.coarse.half)[:, None]
         # both grids' lines solved together: [full lines | coarse lines]
         self.abasis = np.concatenate([g.abasis, self.coarse.abasis], axis=1)
         self.bbasis = np.concatenate([g.bbasis, self.coarse.bbasis], axis=1)
@@ -351,13 +354,14 @@ class Renderer:
             start += n
 
     def _visible_fraction(self, label: np.ndarray) -> float:
+        """Share of the heart in a coarse label map not behind bone or air, lines weighted by line_weight."""
         heart = self.layer_heart[label]
-        n_heart = int(heart.sum())
-        if n_heart == 0:
+        n_heart = float((heart * self.line_weight).sum())
+        if n_heart == 0.0:
             return 0.0
         blocked = np.zeros(label.shape, dtype=bool)
         blocked[:, 1:] = np.logical_or.accumulate(self.layer_blocker[label[:, :-1]], axis=1)
-        return float((heart & ~blocked).sum()) / n_heart
+        return float(((heart & ~blocked) * self.line_weight).sum()) / n_heart
 
     def _coarse_visible(self, p, rot, lo_mm, hi_mm) -> float:
         g = self.coarse
