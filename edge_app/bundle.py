@@ -17,7 +17,8 @@ Manifest fields the runtime uses (see export/README.md for the whole list):
     thresholds.quality_diagnostic        quality >= this is a diagnostic image
     thresholds.confidence_min            max softmax(view_logits) below this: "model unsure"
     thresholds.ood_energy_max            energy = -logsumexp(view_logits) above this: out of distribution
-    (both calibrated at the 1st percentile of held-out in-distribution frames; `view_scores` computes them)
+    (both calibrated at the 1st percentile of held-out in-distribution frames; `view_scores` computes them;
+    the engine records ood_energy_max but gates on it only when asked: see EngineConfig.max_ood_energy)
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def test_bundle_predictor_probabilities_energy_and_preprocessing():
 def test_engine_takes_thresholds_from_the_bundle_manifest():
     engine = GuidanceEngine(None, BundlePredictor(FakeBundle(), warmup=False))
     assert (engine.config.quality_threshold, engine.config.min_confidence, engine.config.max_ood_energy) == \
-        (0.65, 0.3, -2.5)
+        (0.65, 0.3, None)   # the energy gate is opt-in (EngineConfig.max_ood_energy)
     explicit = GuidanceEngine(None, BundlePredictor(FakeBundle(), warmup=False), EngineConfig(quality_threshold=0.5))
     assert explicit.config.quality_threshold == 0.5
 

@@ -176,11 +176,13 @@ def test_hold_with_poor_quality_turns_into_a_fine_correction_then_holds_again():
     assert all(s.state == "HOLD" for s in states if first_fine + 0.85 <= s.t < first_fine + 2.7)
 
 
-def test_energy_gate_uses_manifest_threshold():
+def test_energy_gate_only_when_set():
     predictor = ScriptedPredictor(make_output(ood=-2.0))
     predictor.manifest = {"thresholds": {"quality_diagnostic": 0.7, "confidence_min": 0.5, "ood_energy_max": -4.0}}
     engine = GuidanceEngine(None, predictor, clock=FakeClock())
-    assert (engine.config.quality_threshold, engine.config.min_confidence, engine.config.max_ood_energy) == (0.7, 0.5, -4.0)
+    assert (engine.config.quality_threshold, engine.config.min_confidence, engine.config.max_ood_energy) == (0.7, 0.5, None)
+    assert Feeder(engine).run(0.5)[-1].available              # the manifest's energy threshold is not applied
+    engine = GuidanceEngine(None, predictor, EngineConfig(max_ood_energy=-4.0), clock=FakeClock())
     feed = Feeder(engine)
     assert "input does not look like a cardiac view" in feed.run(0.5)[-1].reasons
     predictor.output = make_output(ood=-9.0)
