@@ -73,6 +73,8 @@ class GateLimits:
     view_agreement_min: float = 0.99    # argmax of view_logits
     action_agreement_min: float = 0.98  # argmax of action_logits for the selected target (every target in turn)
     quality_mae_max: float = 0.02       # mean |quality_int8 - quality_fp32|
+    quality_mae_meter_max: float = 0.03  # ... where fp32 quality >= 0.3 (meter range): int8 may add at
+    #                                      most a tenth of the app's 0.25 capture margin there
 
 
 @dataclass
@@ -89,7 +91,7 @@ class GateResult:
         return {"passed": self.passed, "failures": self.failures, "limits": asdict(self.limits), "frames": c["frames"],
                 "view_agreement": c["view_agreement"], "action_agreement": c["action_agreement"],
                 "action_agreement_per_target": c["action_agreement_per_target"], "quality_mae": c["quality_mae"],
-                "max_abs_err": c["max_abs_err"]}
+                "quality_mae_meter": c["quality_mae_meter"], "max_abs_err": c["max_abs_err"]}
 
 
 class ArrayReader:
@@ -194,6 +196,9 @@ def int8_gate(fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[str, np.ndar
         failures.append(f"best-action agreement {c['action_agreement']:.2%} < {limits.action_agreement_min:.0%}")
     if not c["quality_mae"] <= limits.quality_mae_max:
         failures.append(f"quality mean abs change {c['quality_mae']:.4f} > {limits.quality_mae_max}")
+    if not c["quality_mae_meter"] <= limits.quality_mae_meter_max:   # NaN (no frame in range) fails too
+        failures.append(f"quality mean abs change where fp32 quality >= 0.3 {c['quality_mae_meter']:.4f} > "
+                        f"{limits.quality_mae_meter_max} (NaN: no held-out frame that good)")
     return GateResult(passed=not failures, comparison=c, limits=limits, failures=failures)
 
 

@@ -155,3 +155,20 @@ def test_sim_frames_from_the_simulator():
     assert labels["quality"].shape == (4, len(VIEWS)) and ((labels["quality"] >= 0) & (labels["quality"] <= 1)).all()
     with pytest.raises(ValueError, match="at least one"):
         sim_frames(0)
+
+
+def test_int8_gate_catches_a_quality_error_only_near_the_capture_line():
+    rng = np.random.default_rng(0)
+    n = 200
+    ref = {"view_logits": rng.normal(size=(n, 6)).astype(np.float32), "quality": np.zeros((n, 5), np.float32),
+           "action_logits": rng.normal(size=(n, 5, 11)).astype(np.float32),
+           "pose_offset": np.zeros((n, 5, 5), np.float32)}
+    ref["quality"][:10, 0] = 0.9                       # 10 of 1000 pairs are good views
+    got = {k: v.copy() for k, v in ref.items()}
+    got["quality"][:10, 0] = 0.8                       # int8 off by 0.1 exactly there
+    gate = q.int8_gate(ref, got)
+    assert gate.comparison["quality_mae"] == pytest.approx(0.001, abs=1e-6)   # the plain mean hides it
+    assert gate.comparison["quality_mae_meter"] == pytest.approx(0.1, abs=1e-6)
+    assert not gate.passed and any("where fp32 quality >= 0.3" in f for f in gate.failures)
+    ref["quality"][:] = 0.0                           # nothing to judge the meter range on: not a pass
+    assert not q.int8_gate(ref, {k: v.copy() for k, v in ref.items()}).passed
