@@ -48,10 +48,15 @@ class NoviceParams:
     wrong_way_p: float = 0.1         # moves opposite to the instruction (left/right, cw/ccw mix-ups)
     tremor: float = 0.05             # hand tremor around the intended pose, normalized units (sd), also while holding
     search_every_s: float = 2.0      # with no instruction, a small searching move this often
+    restart_after_s: float = 10.0    # searching this long with no instruction (the app in SEARCHING:
+    #                                  "Looking for <view>: place the probe ..." or "model unsure"; or
+    #                                  no app at all), the novice lifts the probe and starts again
+    #                                  somewhere on the window; 0 = never
     give_up_s: float = 60.0          # time limit of an episode
 
     def validate(self) -> "NoviceParams":
-        for name in ("reaction_s", "move_s", "step_mean", "step_cv", "tremor", "search_every_s", "give_up_s"):
+        for name in ("reaction_s", "move_s", "step_mean", "step_cv", "tremor", "search_every_s", "restart_after_s",
+                     "give_up_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"novice parameter {name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.wrong_way_p <= 1.0:
@@ -83,7 +88,7 @@ class EpisodeResult:
     path_length: float                # normalized pose units travelled
     unavailable_fraction: float       # share of frames with guidance unavailable
     capture_quality: float | None     # true quality at capture
-    trajectory: list[list[float]] = field(default_factory=list)  # [t, head_mm, left_mm] samples
+    trajectory: list[list] = field(default_factory=list)  # [t, head_mm, left_mm] samples; [t, None, None]: probe lifted
 
 
 class Novice:
@@ -112,6 +117,12 @@ class Novice:
             action = action + 1 if action % 2 == 0 else action - 1
         self._motion = action_delta(action, step)
         self._motion_left_s = max(self.p.move_s, 1e-6)
+
+    def restart(self, now: float) -> None:
+        """The probe was lifted and put down again: forget the move in progress."""
+        self._motion = None
+        self._seen_action, self._seen_since = None, now
+        self._next_search = now + self.p.search_every_s
 
     def step(self, now: float, dt: float, action: int | None) -> np.ndarray:
         """Intended pose change [5] for this tick, given the instruction on screen (None: none)."""
@@ -216,6 +227,7 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
     n_ticks = int(math.ceil(novice.give_up_s * fps))
     hold_ticks = max(1, int(round(engine.config.capture_hold_s * fps)))
     recent_quality: deque = deque(maxlen=hold_ticks)      # true quality of the frames of the capture hold
+    lost_since: float | None = None                       # searching with no instruction since then
     for tick in range(n_ticks + 1):
         now = tick * dt
         pose = np.asarray(probe.pose, dtype=np.float64)       # where the hand means to be
@@ -238,7 +250,16 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
             action = int(labels["action"][target])
         else:
             action = None
-        delta = hand.step(now, dt, action)
+        lost = policy == "unguided" or (policy == "guided" and state.state == "SEARCHING" and action is None)
+        lost_since = (now if lost_since is None else lost_since) if lost else None
+        if lost and novice.restart_after_s > 0 and now - lost_since >= novice.restart_after_s:
+            hand.restart(now)                                 # back to the window, a fresh start on it
+            if keep_trajectory:
+                trajectory.append([round(now, 2), None, None])
+            delta = probe.sample_pose(hand.rng, "window", view=start.target) - pose
+            lost_since = now
+        else:
+            delta = hand.step(now, dt, action)
         probe.set_pose(pose + delta)
         path += float(np.linalg.norm((np.asarray(probe.pose) - pose) / POSE_SCALE))
     return EpisodeResult(policy, start.target, start.kind, start.patient_seed, False, False, False,
@@ -434,10 +455,11 @@ def write_report(out_dir: Path, summary: dict[str, Any], results: list[EpisodeRe
     fig, ax = plt.subplots(figsize=(6, 6))
     for r in results:
         if r.trajectory:
-            tr = np.array(r.trajectory)
+            tr = np.array(r.trajectory, dtype=float)           # a lifted probe (None -> NaN) breaks the line
             ax.plot(tr[:, 2], tr[:, 1], "-", color=colors[r.policy], alpha=0.7, lw=1)
             ax.plot(tr[0, 2], tr[0, 1], "o", color=colors[r.policy], ms=4)
-            ax.plot(tr[-1, 2], tr[-1, 1], "*" if r.success else "x", color=colors[r.policy], ms=8)
+            last = tr[np.isfinite(tr[:, 1])][-1]
+            ax.plot(last[2], last[1], "*" if r.success else "x", color=colors[r.policy], ms=8)
     ax.set_xlabel("toward the patient's left (mm from the xiphoid)")
     ax.set_ylabel("toward the head (mm from the xiphoid)")
     ax.set_title("probe paths on the chest (o start, * success, x gave up)")

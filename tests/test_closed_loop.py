@@ -55,6 +55,35 @@ def test_a_model_that_always_says_hold_never_succeeds_from_far_starts():
         assert not r.success and not r.captured and r.time_s == 10.0
 
 
+class Lost:
+    """A model that recognises nothing and knows no way: the app stays SEARCHING with its hint."""
+
+    name, precision = "lost", "fp32"
+
+    def predict(self, image):
+        return make_output("OTHER", 0.9, quality=0.0, action="SLIDE_HEAD", action_conf=0.1, distance=5.0)
+
+
+def test_a_novice_lost_without_instructions_starts_again_on_the_window():
+    from devices.sim import SimulatedProbe
+
+    start = next(s for s in make_starts(["A4C"], 2, seed=0) if s.kind == "far")
+    target = np.asarray(SimulatedProbe(patient_seed=start.patient_seed, realtime=False).target_pose("A4C"))
+    away = replace(start, pose=tuple(np.asarray(start.pose) + [80.0, 0.0, 0.0, 0.0, 0.0]))   # 8 cm off
+    on_window = lambda p: abs(p[1] - target[0]) <= 25.0 and abs(p[2] - target[1]) <= 25.0  # noqa: E731
+    for policy in ("guided", "unguided"):
+        r = run_episode(away, policy, Lost(), replace(FAST, restart_after_s=3.0, give_up_s=6.0),
+                        keep_trajectory=True)
+        lifts = [p[0] for p in r.trajectory if p[1] is None]          # the probe was lifted here
+        assert lifts and 3.0 <= lifts[0] < 3.5, policy
+        placed = [p for p in r.trajectory if p[1] is not None]
+        before, after = [p for p in placed if p[0] < lifts[0]], [p for p in placed if p[0] > lifts[0]]
+        assert before and not any(on_window(p) for p in before), policy
+        assert after and all(on_window(p) for p in after), policy
+    stay = run_episode(away, "guided", Lost(), replace(FAST, restart_after_s=0.0, give_up_s=6.0), keep_trajectory=True)
+    assert not any(on_window(p) for p in stay.trajectory)
+
+
 def test_novice_follows_with_delay_and_holds_still_on_hold():
     params = NoviceParams(reaction_s=0.4, move_s=0.5, step_mean=0.6, step_cv=0.0, wrong_way_p=0.0, tremor=0.0)
     hand = Novice(params, np.random.default_rng(0))
