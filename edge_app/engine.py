@@ -240,11 +240,12 @@ class EngineConfig:
             (1-2 beats).
         capture_margin: auto-capture (and HOLD on quality alone) needs the smoothed quality this far
             above the diagnostic threshold. The shipped model's quality error on held-out frames
-            within 1.2 units of a target is 0.11 (sd; 0.05 within 0.3 units, 0.12 beyond 0.6), and
+            within 1.2 units of a target is 0.09 (sd; 0.04 within 0.3 units, 0.11 beyond 0.6), and
             the closed loop steers the probe to where the model rates the image highest, so its
-            errors are selected. Safety first: 0.25 (closed loop, 100 episodes: false captures
-            7 % at 0.2, 2 % at 0.25, for 69 % vs 67 % success; 3.5 % over 200 other episodes: still
-            above the 1 % target; docs/eval and the README have the figures).
+            errors are selected. Safety first: 0.25 (closed loop, 100 episodes, previous model:
+            false captures 7 % at 0.2, 2 % at 0.25; shipped model: 4 % at 0.2, 1 % at 0.25, for
+            71 % vs 66 % success; 3 of 250 over three start sets at 0.25; docs/eval and the README
+            have the figures).
         hold_stuck_s: the model says HOLD (at the target) but quality stays under the capture level
             this long -> one fine correction along the largest axis of the predicted pose offset.
         clip_s: length of a saved clip (2-3 beats).

@@ -178,7 +178,7 @@ def export_bundle(cfg: ExportConfig) -> Path | None:
                                      + f"\n  (details in {out_dir / 'int8_gate_failed.json'}; no bundle written)")
             print(f"int8 gate passed: view agreement {gate.comparison['view_agreement']:.2%}, best-action agreement "
                   f"{gate.comparison['action_agreement']:.2%}, quality MAE {gate.comparison['quality_mae']:.4f} "
-                  f"({gate.comparison['quality_mae_meter']:.4f} where quality >= 0.3)")
+                  f"({gate.comparison['quality_mae_meter']:.4f} where quality >= {ox.QUALITY_METER_MIN:g})")
             models["int8"] = int8
             per_file["int8"] = {"precision_check": {"vs": "fp32", **gate.as_dict(), "settings": asdict(settings),
                                                     "calibration_frames": calib_where}}

@@ -20,8 +20,8 @@ from edge_app.bundle import (BUNDLE_JSON, FILE_FOR_PRECISION, MANIFEST_KEY, SCHE
                              view_scores)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # holds devices/, training/, export/, edge_app/
-# Quality from which the app's meter and capture decision matter: most held-out (frame, view) pairs
-# are ~0 (no such view in the image) and would hide an error near the capture line in a plain mean.
+# Quality from which an error matters for the app's capture decision: most held-out (frame, view)
+# pairs are ~0 (no such view in the image) and would hide an error near the capture line in a plain mean.
 QUALITY_METER_MIN = 0.3
 
 
@@ -196,7 +196,7 @@ def compare_outputs(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
          "action_agreement": float (best action for every target view, i.e. each view selected in
          turn), "action_agreement_per_target": [float], "quality_mae": float,
          "quality_mae_meter": float (over (frame, view) pairs where ref quality >= QUALITY_METER_MIN,
-         the range where the app's capture decision lives; NaN if there are none), "frames": int}
+         where the app's capture decision lives; NaN if there are none), "frames": int}
     """
     max_err = {n: float(np.max(np.abs(ref[n].astype(np.float64) - got[n]))) for n in OUTPUT_NAMES}
     mean_err = {n: float(np.mean(np.abs(ref[n].astype(np.float64) - got[n]))) for n in OUTPUT_NAMES}

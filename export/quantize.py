@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from export.onnx_export import ExportError, compare_outputs, format_comparison, ort_outputs, ort_session
+from export.onnx_export import (QUALITY_METER_MIN, ExportError, compare_outputs, format_comparison, ort_outputs,
+                                ort_session)
 
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATION_TYPES = ("quint8", "qint8")
@@ -73,7 +74,7 @@ class GateLimits:
     view_agreement_min: float = 0.99    # argmax of view_logits
     action_agreement_min: float = 0.98  # argmax of action_logits for the selected target (every target in turn)
     quality_mae_max: float = 0.02       # mean |quality_int8 - quality_fp32|
-    quality_mae_meter_max: float = 0.03  # ... where fp32 quality >= 0.3 (meter range): int8 may add at
+    quality_mae_meter_max: float = 0.03  # ... where fp32 quality >= QUALITY_METER_MIN: int8 may add at
     #                                      most a tenth of the app's 0.25 capture margin there
 
 
@@ -197,7 +198,7 @@ def int8_gate(fp32_out: Mapping[str, np.ndarray], int8_out: Mapping[str, np.ndar
     if not c["quality_mae"] <= limits.quality_mae_max:
         failures.append(f"quality mean abs change {c['quality_mae']:.4f} > {limits.quality_mae_max}")
     if not c["quality_mae_meter"] <= limits.quality_mae_meter_max:   # NaN (no frame in range) fails too
-        failures.append(f"quality mean abs change where fp32 quality >= 0.3 {c['quality_mae_meter']:.4f} > "
+        failures.append(f"quality mean abs change where fp32 quality >= {QUALITY_METER_MIN:g} {c['quality_mae_meter']:.4f} > "
                         f"{limits.quality_mae_meter_max} (NaN: no held-out frame that good)")
     return GateResult(passed=not failures, comparison=c, limits=limits, failures=failures)
 

@@ -155,7 +155,7 @@ class Renderer:
         self.coarse = _Grid(s, *_COARSE)
         # A sonographer judges the structures in the middle of the sector: rib shadows at its edges
         # (usual in PSAX, whose plane crosses the ribs) cost little, a shadow on the centre line a lot.
-        self.line_weight = np.cos(0.5 * np.pi * self.coarse.theta / self.coarse.half)[:, None]
+        self.line_weight = np.cos(0.5 * np.pi * self.coarse.theta / self.coarse.half)          # [L]
         # both grids' lines solved together: [full lines | coarse lines]
         self.abasis = np.concatenate([g.abasis, self.coarse.abasis], axis=1)
         self.bbasis = np.concatenate([g.bbasis, self.coarse.bbasis], axis=1)
@@ -356,12 +356,12 @@ class Renderer:
     def _visible_fraction(self, label: np.ndarray) -> float:
         """Share of the heart in a coarse label map not behind bone or air, lines weighted by line_weight."""
         heart = self.layer_heart[label]
-        n_heart = float((heart * self.line_weight).sum())
+        n_heart = float(heart.sum(axis=1) @ self.line_weight)
         if n_heart == 0.0:
             return 0.0
         blocked = np.zeros(label.shape, dtype=bool)
         blocked[:, 1:] = np.logical_or.accumulate(self.layer_blocker[label[:, :-1]], axis=1)
-        return float(((heart & ~blocked) * self.line_weight).sum()) / n_heart
+        return float((heart & ~blocked).sum(axis=1) @ self.line_weight) / n_heart
 
     def _coarse_visible(self, p, rot, lo_mm, hi_mm) -> float:
         g = self.coarse
