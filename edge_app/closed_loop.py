@@ -150,32 +150,55 @@ class Novice:
 
 
 class TruthPredictor:
-    """A "perfect model" that reads the simulator's ground truth of the probe's current pose.
+    """A "perfect model": answers with the simulator's ground truth of the frame it is given.
 
-    Runs the engine with no model error, to tell model failures from engine/state-machine ones;
-    the tests use it to check the loop. `bind(probe)` gives the predictor for one episode.
+    Runs the engine with no model error, to tell model failures from engine/state-machine ones; the
+    tests use it to check the loop and to drive the app's UI. The engine hands `predict` only the
+    image, so frames reach the predictor first: `remember(frame)` (the closed loop) or a source
+    whose `read` is tapped (`tap(source)`, the app); labels are looked up by image identity.
     """
 
     name = "ground-truth"
     precision = "truth"
 
-    def __init__(self, probe: Any = None) -> None:
-        self.probe = probe
+    def __init__(self) -> None:
+        self._labels: dict[int, dict] = {}
+        self._last: dict | None = None
 
-    def bind(self, probe: Any) -> "TruthPredictor":
-        return TruthPredictor(probe)
+    def remember(self, frame: Frame) -> None:
+        """Keep the labels of a frame the engine is about to see (the last 16 frames)."""
+        if frame.labels is None:
+            raise ValueError("the ground-truth predictor needs frames with labels (a simulated probe)")
+        self._labels[id(frame.image)] = self._last = frame.labels
+        if len(self._labels) > 16:
+            self._labels.pop(next(iter(self._labels)))
+
+    def tap(self, source: Any) -> "TruthPredictor":
+        """Remember every frame `source.read` returns (for an engine that reads the source itself)."""
+        read = source.read
+
+        def tapped(timeout: float | None = None) -> Frame | None:
+            frame = read(timeout)
+            if frame is not None and frame.labels is not None:
+                self.remember(frame)
+            return frame
+
+        source.read = tapped
+        return self
 
     def predict(self, image: np.ndarray) -> Any:
         from edge_app.engine import ModelOutput
 
-        labels = self.probe.labels()
+        labels = self._labels.get(id(image), self._last)
+        if labels is None:
+            raise RuntimeError("the ground-truth predictor has seen no labelled frame yet")
         view_probs = np.full(len(VIEWS) + 1, 0.01)
         view_probs[int(labels["view"])] = 1.0
         action_probs = np.full((len(VIEWS), len(ACTIONS)), 0.01)
         action_probs[np.arange(len(VIEWS)), labels["action"]] = 1.0
         return ModelOutput(view_probs=view_probs / view_probs.sum(), quality=labels["quality"],
                            action_probs=action_probs / action_probs.sum(1, keepdims=True),
-                           pose_offset=labels["pose_offset"] / POSE_SCALE)
+                           pose_offset=np.asarray(labels["pose_offset"]) / POSE_SCALE)
 
 
 def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share: float = 0.5) -> list[Start]:
@@ -213,8 +236,7 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
         raise ValueError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
     probe = SimulatedProbe(patient_seed=start.patient_seed, realtime=False)
     config = engine_config or EngineConfig()
-    if hasattr(predictor, "bind"):
-        predictor = predictor.bind(probe)
+    truth = predictor if isinstance(predictor, TruthPredictor) else None
     engine = GuidanceEngine(probe, predictor, config=config)
     engine.set_target(start.target)
     target = view_index(start.target)
@@ -233,6 +255,8 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
         pose = np.asarray(probe.pose, dtype=np.float64)       # where the hand means to be
         image, labels = probe.render(pose + hand.tremor(dt), now)
         frame = Frame(image=image, t=now, index=tick, labels=labels)
+        if truth is not None:
+            truth.remember(frame)
         state = engine.process(frame, now=now)
         if keep_trajectory and tick % max(1, int(fps // 2)) == 0:
             trajectory.append([round(now, 2), round(float(pose[0]), 1), round(float(pose[1]), 1)])

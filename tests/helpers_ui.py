@@ -393,44 +393,9 @@ def make_engine(kind: str, source, predictor: str = "oracle"):
             if predictor == "bundle":
                 from edge_app.bundle import load_bundle
                 return engine_mod.GuidanceEngine(source, engine_mod.BundlePredictor(load_bundle()))
-            return engine_mod.GuidanceEngine(source, OraclePredictor(source, engine_mod))
+            from edge_app.closed_loop import TruthPredictor
+            return engine_mod.GuidanceEngine(source, TruthPredictor().tap(source))
     return FakeEngine(source)
-
-
-class OraclePredictor:
-    """A predictor that answers from the source's ground truth of the frame it is given."""
-
-    name, precision = "oracle", "fp32"
-
-    def __init__(self, source, engine_mod):
-        self._mod = engine_mod
-        self._labels: dict[int, dict] = {}
-        self._last = None
-        read = source.read
-
-        def tapped(timeout=None):  # remember labels by image identity (the engine passes frame.image)
-            frame = read(timeout)
-            if frame is not None and frame.labels is not None:
-                self._labels[id(frame.image)] = self._last = frame.labels
-                if len(self._labels) > 16:
-                    self._labels.pop(next(iter(self._labels)))
-            return frame
-        source.read = tapped
-
-    def predict(self, image):
-        lab = self._labels.get(id(image), self._last)
-        V, A = len(VIEWS), len(ACTIONS)
-        view_probs = np.full(V + 1, 0.02, np.float32)
-        view_probs[int(lab["view"])] = 0.9
-        view_probs /= view_probs.sum()
-        action_probs = np.full((V, A), 0.01, np.float32)
-        action_probs[np.arange(V), np.asarray(lab["action"], int)] = 0.9
-        action_probs /= action_probs.sum(1, keepdims=True)
-        return self._mod.ModelOutput(
-            view_probs=view_probs, quality=np.asarray(lab["quality"], np.float32),
-            action_probs=action_probs,
-            pose_offset=(np.asarray(lab["pose_offset"]) / POSE_SCALE).astype(np.float32),
-            ood_score=0.0, confidence=0.9)
 
 
 class ConstantPredictor:

@@ -41,6 +41,28 @@ def test_episode_is_deterministic_for_a_fixed_seed():
     assert r1 == r2
 
 
+def test_truth_predictor_answers_with_the_labels_of_the_frame_it_is_given():
+    from devices.base import Frame
+    from devices.sim import SimulatedProbe
+
+    probe = SimulatedProbe(patient_seed=30001, realtime=False)
+    truth = TruthPredictor()
+    with pytest.raises(RuntimeError, match="no labelled frame"):
+        truth.predict(np.zeros((8, 8), np.uint8))
+    frames = []
+    for i, view in enumerate(("A4C", "PLAX")):
+        image, labels = probe.render(probe.target_pose(view), 0.1 * i)
+        frames.append(Frame(image=image, t=0.1 * i, index=i, labels=labels))
+        truth.remember(frames[-1])
+    for frame in frames:                      # looked up by image, not "the newest frame"
+        out = truth.predict(frame.image)
+        assert np.argmax(out.view_probs) == frame.labels["view"]
+        np.testing.assert_allclose(out.quality, frame.labels["quality"], rtol=1e-6)
+        np.testing.assert_allclose(out.pose_offset, frame.labels["pose_offset"] / POSE_SCALE, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        truth.remember(Frame(image=frames[0].image, t=1.0, index=2, labels=None))
+
+
 @pytest.mark.parametrize("view", ["A4C", "PLAX", "SC4C"])
 def test_oracle_reaches_the_target_from_near_starts(view):
     for start in [s for s in make_starts([view], 4, seed=0) if s.kind == "near"]:
