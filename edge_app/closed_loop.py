@@ -169,6 +169,7 @@ class TruthPredictor:
         """Keep the labels of a frame the engine is about to see (the last 16 frames)."""
         if frame.labels is None:
             raise ValueError("the ground-truth predictor needs frames with labels (a simulated probe)")
+        self._labels.pop(id(frame.image), None)      # a recycled id goes to the end: evict oldest first
         self._labels[id(frame.image)] = self._last = frame.labels
         if len(self._labels) > 16:
             self._labels.pop(next(iter(self._labels)))
