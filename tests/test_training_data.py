@@ -69,6 +69,25 @@ def test_shards_of_another_simulator_version_are_rendered_again(tmp_path):
     assert all(p.stat().st_mtime_ns > 1 for p in paths)
 
 
+def test_sim_fingerprint_follows_code_not_comments(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    src = Path(D.__file__).resolve().parents[1] / "devices"
+    shutil.copytree(src / "sim", tmp_path / "sim", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(src / "labels.py", tmp_path / "labels.py")
+    assert D.sim_fingerprint(tmp_path) == D.sim_fingerprint()
+    labels = tmp_path / "labels.py"
+    text = labels.read_text()
+    edited = text.replace("def best_action(", "# a comment\ndef best_action(", 1)
+    edited = edited.replace('"""Best single action', '"""Reworded docstring. Best single action', 1)
+    assert edited != text
+    labels.write_text(edited)
+    assert D.sim_fingerprint(tmp_path) == D.sim_fingerprint()     # comments and docstrings: same
+    labels.write_text(text.replace("POSE_SCALE = np.array([10.0,", "POSE_SCALE = np.array([11.0,", 1))
+    assert D.sim_fingerprint(tmp_path) != D.sim_fingerprint()     # a label change: shards are stale
+
+
 def test_load_shards_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards"):
         D.load_shards(tmp_path / "missing")

@@ -153,14 +153,26 @@ def render_patient(patient_seed: int, frames: int, heldout: bool = False, size: 
     return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in rows.items()}
 
 
-def sim_fingerprint() -> str:
-    """sha256 (16 hex) of the simulator's source files: shards and checkpoints from another sim version differ."""
+def sim_fingerprint(devices_dir: Path | None = None) -> str:
+    """sha256 (16 hex) of the code that makes images and labels (devices/sim/*.py, devices/labels.py):
+    shards and checkpoints from another simulator version differ.
+
+    Hashes the syntax tree without docstrings, so comments, docstrings and formatting do not make
+    rendered shards look stale; any change to the code does.
+    """
+    import ast
     import hashlib
 
+    devices_dir = Path(devices_dir or Path(__file__).resolve().parents[1] / "devices")
     h = hashlib.sha256()
-    sim_dir = Path(__file__).resolve().parents[1] / "devices" / "sim"
-    for path in sorted(sim_dir.glob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
+    for path in [*sorted((devices_dir / "sim").glob("*.py")), devices_dir / "labels.py"]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(path.name.encode() + ast.dump(tree).encode())
     return h.hexdigest()[:16]
 
 
