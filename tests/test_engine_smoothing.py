@@ -87,3 +87,37 @@ def test_selector_rejects_bad_settings():
         ActionSelector(1.5, 0.1)
     with pytest.raises(ValueError, match="dwell"):
         ActionSelector(0.1, -1)
+    with pytest.raises(ValueError, match="reversal"):
+        ActionSelector(0.1, 0.5, block_s=5.0, reversals=0)
+
+
+def _two(first: int, p_first: float, second: int) -> np.ndarray:
+    """`first` at p_first, `second` just behind it."""
+    out = _probs(first, p_first)
+    out[second] = p_first - 0.2
+    return out
+
+
+def test_selector_sets_a_reversing_axis_aside_and_shows_the_next_best():
+    cw, ccw, rock = 4, 5, 9                       # ROTATE_CW, ROTATE_CCW, ROCK_AWAY
+    sel = ActionSelector(margin=0.1, min_dwell_s=0.8, block_s=5.0, window_s=6.0, reversals=2)
+    assert sel.update(_two(cw, 0.7, rock), 0.0) == cw
+    assert sel.update(_two(ccw, 0.7, rock), 1.0) == ccw     # first reversal: shown
+    # Second reversal within the window: rotation is set aside, the next best shows at once.
+    assert sel.update(_two(cw, 0.7, rock), 2.0) == rock
+    assert sel.update(_two(ccw, 0.7, rock), 3.0) == rock     # either rotation is set aside
+    assert sel.update(_two(ccw, 0.7, rock), 7.1) == ccw      # block over (5 s after 2.0)
+    # Slow reversals (further apart than the window) never set the axis aside.
+    slow = ActionSelector(margin=0.1, min_dwell_s=0.8, block_s=5.0, window_s=6.0, reversals=2)
+    for i, a in enumerate([cw, ccw, cw, ccw]):
+        assert slow.update(_two(a, 0.7, rock), 7.0 * i) == a
+    # forget() clears the count: after it, one more reversal is shown again.
+    sel.forget()
+    assert sel.update(_two(cw, 0.7, rock), 8.0) == cw
+    assert sel.update(_two(ccw, 0.7, rock), 9.0) == ccw
+
+
+def test_selector_without_reversal_block_keeps_following_the_model():
+    sel = ActionSelector(margin=0.1, min_dwell_s=0.8)        # block_s 0: off
+    shown = [sel.update(_two(4 + i % 2, 0.7, 9), float(i)) for i in range(6)]
+    assert shown == [4, 5, 4, 5, 4, 5]

@@ -1,9 +1,11 @@
 """State machine and safety gates of the guidance engine, on simulated time with scripted outputs."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from devices.base import Frame
-from devices.labels import ACTION_TEXT
+from devices.labels import ACTION_TEXT, ACTIONS
 from edge_app.engine import EngineConfig, GuidanceEngine, GuidanceState, ModelOutput
 from helpers_engine import (FakeClock, ScriptedPredictor, checkerboard_image, lung_image, make_output,
                             noise_image, texture_image, us_image)
@@ -269,3 +271,28 @@ def test_config_validation():
         EngineConfig(quality_threshold=1.5).resolved()
     with pytest.raises(ValueError, match="latency_budget_ms"):
         EngineConfig(latency_budget_ms=0).resolved()
+    with pytest.raises(ValueError, match="reversal_block_s"):
+        EngineConfig(reversal_block_s=-1).resolved()
+    with pytest.raises(ValueError, match="reversals"):
+        EngineConfig(reversals=0).resolved()
+
+
+def test_an_instruction_that_keeps_reversing_gives_way_to_the_next_best_axis():
+    """The model flips between CW and CCW (it cannot read rotation from these images): after the
+    second reversal the engine shows its next-best instruction instead of making the hand wiggle."""
+    def output(action):
+        out = make_output(action=action, action_conf=0.6)
+        probs = np.array(out.action_probs)
+        probs[:, ACTIONS.index("ROCK_AWAY")] = 0.3
+        return replace(out, action_probs=probs)
+
+    def shown(**config):
+        engine, pred = make_engine(output("ROTATE_CW"), smoothing_s=0.0, **config)
+        feed, actions = Feeder(engine), []
+        for action in ("ROTATE_CW", "ROTATE_CCW", "ROTATE_CW", "ROTATE_CCW"):
+            pred.output = output(action)
+            actions.append({s.action for s in feed.run(1.0)})
+        return actions
+
+    assert shown() == [{"ROTATE_CW"}, {"ROTATE_CCW"}, {"ROCK_AWAY"}, {"ROCK_AWAY"}]
+    assert shown(reversal_block_s=0.0) == [{"ROTATE_CW"}, {"ROTATE_CCW"}, {"ROTATE_CW"}, {"ROTATE_CCW"}]
