@@ -6,7 +6,7 @@ Run as a script (under xvfb-run) to open the real app:
 exists, else `FakeEngine`. `--source auto` is the simulator ("sim").
 
 The README screenshot (docs/app_screenshot.png):
-    xvfb-run -a -s "-screen 0 1280x800x24" python tests/helpers_ui.py --readme-shot docs/app_screenshot.png
+    xvfb-run -a -s "-screen 0 1280x800x24" python tests/helpers_ui.py --readme-shot docs/app_screenshot.png --predictor bundle
 """
 from __future__ import annotations
 
