@@ -133,6 +133,7 @@ def export_bundle(cfg: ExportConfig) -> Path | None:
     from export import quantize as q
 
     t_start = time.perf_counter()
+    ox.export_time()  # a bad SOURCE_DATE_EPOCH fails here, not after minutes of work
     torch.set_num_threads(cfg.threads)
     profile = load_profile(cfg.profile) if cfg.profile else None
     precisions = ["fp32"] + [p for p, on in (("int8", cfg.int8), ("fp16", cfg.fp16)) if on]
@@ -205,7 +206,7 @@ def export_bundle(cfg: ExportConfig) -> Path | None:
                 for p, a in heldout.items() if p != "frames"))
         export_info = {"exporter": cfg.exporter, "opset": cfg.opset, "torch": torch.__version__,
                        "onnxruntime": ort.__version__,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "created": ox.export_time(),
                        "parity_vs_torch": {k: parity[k] for k in ("frames", "max_abs_err", "view_agreement",
                                                                   "action_agreement")},
                        "atol": cfg.atol, "heldout_accuracy": heldout}

@@ -266,6 +266,25 @@ def calibrate_thresholds(view_logits: np.ndarray, percentile: float = 1.0) -> di
 # Manifest and bundle
 # ----------------------------------------------------------------------------------------------
 
+def export_time() -> str:
+    """UTC time stamp for manifests, or SOURCE_DATE_EPOCH's when set (reproducible builds): with it,
+    exporting the same checkpoint twice gives byte-identical files (the time stamp was the only
+    difference, measured on the shipped checkpoint).
+
+    Raises:
+        ValueError: SOURCE_DATE_EPOCH is not a whole number of seconds.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        when = _dt.datetime.now(_dt.timezone.utc)
+    else:
+        try:
+            when = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+        except ValueError:
+            raise ValueError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}") from None
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def build_manifest(ckpt: Mapping[str, Any], checkpoint_path: str | os.PathLike, input_size: int,
                    thresholds: Mapping[str, Any], graph_info: Mapping[str, Any],
                    export_info: Mapping[str, Any]) -> dict[str, Any]:
@@ -366,7 +385,7 @@ def write_bundle(out_dir: str | os.PathLike, models: Mapping[str, str | os.PathL
                        "precision": precision}
     for stale in set(FILE_FOR_PRECISION.values()) - set(files):  # an older export's files would mislead
         (out_dir / stale).unlink(missing_ok=True)
-    info = {"schema_version": SCHEMA_VERSION, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    info = {"schema_version": SCHEMA_VERSION, "created": export_time(),
             "files": files, "manifest": dict(manifest)}
     tmp = out_dir / f".{BUNDLE_JSON}.tmp"
     tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -66,6 +66,20 @@ def test_export_writes_a_verified_bundle(exported, checkpoint):
     assert json.loads((exported / "export_config.json").read_text())["int8"] is True
 
 
+def test_export_is_reproducible_with_source_date_epoch(checkpoint, tmp_path, monkeypatch):
+    """Same checkpoint, same settings, SOURCE_DATE_EPOCH set: byte-identical bundle files."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1790000000")
+    for out in ("a", "b"):
+        assert main(["export", "--weights", str(checkpoint), "--int8", "--out", str(tmp_path / out),
+                     "--calib", "32", "--eval", "40"]) == 0
+    for name in ("model.onnx", "model.int8.onnx", "bundle.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert read_bundle_json(tmp_path / "a")["created"] == "2026-09-21T14:13:20Z"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    assert main(["export", "--weights", str(checkpoint), "--out", str(tmp_path / "c"), "--calib", "32",
+                 "--eval", "40"]) == 1
+
+
 def test_export_fails_clearly_on_missing_weights(tmp_path, capsys):
     assert main(["export", "--weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "b")]) == 1
     assert "nope.pt does not exist" in capsys.readouterr().err
