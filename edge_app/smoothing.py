@@ -107,7 +107,7 @@ class ActionSelector:
             if best != self.current and self._reverses_too_often(best, len(probs) // 2, t):
                 probs[best - best % 2:best - best % 2 + 2] = -np.inf
                 best = int(np.argmax(probs))
-            if best != self.current:
+            if best != self.current and self.block_s > 0:
                 self._shown.append((t, best))
             self.current, self._since = best, t
         return self.current

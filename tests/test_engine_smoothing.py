@@ -121,3 +121,4 @@ def test_selector_without_reversal_block_keeps_following_the_model():
     sel = ActionSelector(margin=0.1, min_dwell_s=0.8)        # block_s 0: off
     shown = [sel.update(_two(4 + i % 2, 0.7, 9), float(i)) for i in range(6)]
     assert shown == [4, 5, 4, 5, 4, 5]
+    assert sel._shown == []     # nothing is kept when the block is off (hours of changes in a session)
