@@ -35,6 +35,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     },
     "eval": {
         "guidance": ("Closed loop: does a simulated novice reach a diagnostic view?", "edge_app.closed_loop:configure_eval"),
+        "poses": ("Closed loop on training patients: save the poses guided novices visit (for training)",
+                  "edge_app.closed_loop:configure_poses"),
     },
 }
 

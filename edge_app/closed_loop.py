@@ -32,6 +32,8 @@ from devices.labels import ACTIONS, HOLD, POSE_SCALE, QUALITY_DIAGNOSTIC, VIEWS,
 POLICIES = ("guided", "oracle", "unguided")
 # Patients never used in training, validation or the training test split (those use seeds < 30000).
 EVAL_SEED_BASE = 30000
+TRAIN_SEED_BASE = 0        # training.data.SPLIT_SEED_BASE["train"]: `pocus eval poses` runs on training patients
+POSES_EVERY_S = 0.2        # how often `pocus eval poses` keeps the pose shown
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class EpisodeResult:
     unavailable_fraction: float       # share of frames with guidance unavailable
     capture_quality: float | None     # true quality at capture
     trajectory: list[list] = field(default_factory=list)  # [t, head_mm, left_mm] samples; [t, None, None]: probe lifted
+    visited: list[list[float]] = field(default_factory=list)  # pose shown - target pose (mm / deg), keep_poses only
 
 
 class Novice:
@@ -202,8 +205,9 @@ class TruthPredictor:
                            pose_offset=np.asarray(labels["pose_offset"]) / POSE_SCALE)
 
 
-def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share: float = 0.5) -> list[Start]:
-    """Deterministic starts on held-out patients.
+def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share: float = 0.5,
+                first_patient: int = EVAL_SEED_BASE) -> list[Start]:
+    """Deterministic starts on held-out patients (from `first_patient`; 1000 patients per seed).
 
     "near": the target pose plus N(0, 1) normalized units per axis (about 1 cm and 10 deg off);
     "far": anywhere on the target's acoustic window (+-25 mm, rotation +-90 deg, tilt/rock +-25 deg
@@ -211,11 +215,13 @@ def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share:
     """
     from devices.sim import SimulatedProbe
 
+    if len(views) * episodes_per_view > 1000:
+        raise ValueError(f"at most 1000 episodes per policy and seed, got {len(views)} views x {episodes_per_view}")
     rng = np.random.default_rng(seed)
     starts = []
     for v, view in enumerate(views):
         for e in range(episodes_per_view):
-            patient_seed = EVAL_SEED_BASE + seed * 1000 + v * episodes_per_view + e
+            patient_seed = first_patient + seed * 1000 + v * episodes_per_view + e
             probe = SimulatedProbe(patient_seed=patient_seed, realtime=False)
             kind = "near" if e < round(episodes_per_view * near_share) else "far"
             episode_rng = np.random.default_rng([seed, v, e])
@@ -228,8 +234,12 @@ def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share:
 
 
 def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams, fps: float = 15.0,
-                engine_config: Any = None, keep_trajectory: bool = False) -> EpisodeResult:
-    """One episode on simulated time; the engine is the app's own `GuidanceEngine`."""
+                engine_config: Any = None, keep_trajectory: bool = False, keep_poses: bool = False) -> EpisodeResult:
+    """One episode on simulated time; the engine is the app's own `GuidanceEngine`.
+
+    keep_poses: record the pose shown (tremor included) relative to the target every POSES_EVERY_S
+    (`EpisodeResult.visited`), the poses a model trained on the loop's own states should see.
+    """
     from devices.sim import SimulatedProbe
     from edge_app.engine import EngineConfig, GuidanceEngine
 
@@ -247,6 +257,9 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
     n_unavailable = 0
     path = 0.0
     trajectory: list[list[float]] = []
+    visited: list[list[float]] = []
+    target_pose = np.asarray(probe.target_pose(start.target), dtype=np.float64)
+    poses_every = max(1, int(round(POSES_EVERY_S * fps)))
     n_ticks = int(math.ceil(novice.give_up_s * fps))
     hold_ticks = max(1, int(round(engine.config.capture_hold_s * fps)))
     recent_quality: deque = deque(maxlen=hold_ticks)      # true quality of the frames of the capture hold
@@ -254,7 +267,10 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
     for tick in range(n_ticks + 1):
         now = tick * dt
         pose = np.asarray(probe.pose, dtype=np.float64)       # where the hand means to be
-        image, labels = probe.render(pose + hand.tremor(dt), now)
+        shown = pose + hand.tremor(dt)
+        image, labels = probe.render(shown, now)
+        if keep_poses and tick % poses_every == 0:
+            visited.append([round(float(x), 3) for x in shown - target_pose])
         frame = Frame(image=image, t=now, index=tick, labels=labels)
         if truth is not None:
             truth.remember(frame)
@@ -268,7 +284,7 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
             quality = float(np.mean(recent_quality))
             ok = quality >= QUALITY_DIAGNOSTIC
             return EpisodeResult(policy, start.target, start.kind, start.patient_seed, ok, True, not ok, now,
-                                 path, n_unavailable / (tick + 1), quality, trajectory)
+                                 path, n_unavailable / (tick + 1), quality, trajectory, visited)
         if policy == "guided":
             action = ACTIONS.index(state.action) if (state.available and state.action) else None
         elif policy == "oracle":
@@ -288,7 +304,7 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
         probe.set_pose(pose + delta)
         path += float(np.linalg.norm((np.asarray(probe.pose) - pose) / POSE_SCALE))
     return EpisodeResult(policy, start.target, start.kind, start.patient_seed, False, False, False,
-                         novice.give_up_s, path, n_unavailable / (n_ticks + 1), None, trajectory)
+                         novice.give_up_s, path, n_unavailable / (n_ticks + 1), None, trajectory, visited)
 
 
 def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
@@ -339,13 +355,16 @@ def _worker_init(bundle_dir: str | None, precision: str | None) -> None:
     _WORKER["predictor"] = _make_predictor(bundle_dir, precision)
 
 
-def _worker_run(job: tuple[Start, str, NoviceParams, float, bool, Any]) -> EpisodeResult:
-    start, policy, novice, fps, keep, engine_config = job
+Job = tuple  # (Start, policy, NoviceParams, fps, keep_trajectory, engine config, keep_poses)
+
+
+def _worker_run(job: Job) -> EpisodeResult:
+    start, policy, novice, fps, keep, engine_config, keep_poses = job
     return run_episode(start, policy, _WORKER["predictor"], novice, fps=fps, engine_config=engine_config,
-                       keep_trajectory=keep)
+                       keep_trajectory=keep, keep_poses=keep_poses)
 
 
-def run_jobs(jobs: list[tuple[Start, str, NoviceParams, float, bool, Any]], bundle_dir: str | None,
+def run_jobs(jobs: list[Job], bundle_dir: str | None,
              precision: str | None, workers: int, progress: bool = True) -> list[EpisodeResult]:
     """Run episodes in `workers` processes (1 = in this process), with a progress bar."""
     from tqdm import tqdm
@@ -390,9 +409,10 @@ def evaluate(cfg: EvalConfig, novice: NoviceParams, progress: bool = True) -> tu
             raise ValueError(f"unknown view '{v}': choose from {', '.join(VIEWS)}")
     starts = make_starts(views, cfg.episodes, cfg.seed)
     engine = cfg.engine_config()
-    jobs = [(s, policy, novice, cfg.fps, i < 2 * len(views), engine) for policy in POLICIES for i, s in enumerate(starts)]
+    jobs = [(s, policy, novice, cfg.fps, i < 2 * len(views), engine, False)
+            for policy in POLICIES for i, s in enumerate(starts)]
     sweep_starts = make_starts(views, cfg.sweep_episodes, cfg.seed + 1) if cfg.wrong_way_sweep else []
-    sweep_jobs = [(s, "guided", replace(novice, wrong_way_p=p), cfg.fps, False, engine)
+    sweep_jobs = [(s, "guided", replace(novice, wrong_way_p=p), cfg.fps, False, engine, False)
                   for p in cfg.wrong_way_sweep for s in sweep_starts]
     t0 = time.perf_counter()
     results = run_jobs(jobs + sweep_jobs, cfg.bundle, cfg.precision, cfg.workers, progress)
@@ -405,6 +425,53 @@ def evaluate(cfg: EvalConfig, novice: NoviceParams, progress: bool = True) -> tu
     summary["config"] = {**asdict(cfg), "novice": asdict(novice), "engine": asdict(engine)}
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     return summary, main
+
+
+def collect_poses(out: str | Path, episodes_per_view: int = 60, seed: int = 0, bundle: str | None = None,
+                  precision: str | None = "int8", workers: int = 2, progress: bool = True,
+                  novice: NoviceParams | None = None) -> dict[str, Any]:
+    """Where guided novices take the probe: run guided episodes on *training* patients and save the
+    poses shown (relative to the target, tremor included) for training on the loop's own states
+    (DAgger; `pocus train loop_poses=FILE`). The model is trained on poses drawn around the targets,
+    but the closed loop spends its time elsewhere (behind ribs, half-way through a rotation).
+
+    Saves an .npz: view int64 [N] (index into VIEWS), offset float32 [N, 5] (mm / deg, POSE_AXES),
+    patient_seed int64 [N]. Returns a summary (episodes, poses, success rate).
+    """
+    from edge_app.engine import EngineConfig
+
+    if episodes_per_view < 1:
+        raise ValueError(f"episodes per view must be at least 1, got {episodes_per_view}")
+    starts = make_starts(list(VIEWS), episodes_per_view, seed, first_patient=TRAIN_SEED_BASE)
+    jobs = [(s, "guided", novice or NoviceParams(), 15.0, False, EngineConfig(), True) for s in starts]
+    results = run_jobs(jobs, bundle, precision, workers, progress)
+    view = np.array([VIEWS.index(r.target) for r in results for _ in r.visited], dtype=np.int64)
+    offset = np.array([o for r in results for o in r.visited], dtype=np.float32).reshape(-1, len(POSE_SCALE))
+    patient = np.array([r.patient_seed for r in results for _ in r.visited], dtype=np.int64)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, view=view, offset=offset, patient_seed=patient)
+    return {"episodes": len(results), "poses": len(view), "success_rate": float(np.mean([r.success for r in results])),
+            "patients": f"{min(s.patient_seed for s in starts)}-{max(s.patient_seed for s in starts)}", "out": str(out)}
+
+
+def configure_poses(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    parser.add_argument("--out", required=True, help="the .npz to write (view, offset mm/deg, patient_seed)")
+    parser.add_argument("--episodes", type=int, default=60, help="guided episodes per target view (half near, half far)")
+    parser.add_argument("--seed", type=int, default=0, help="draws another 1000 training patients (0-9)")
+    parser.add_argument("--bundle", default=None, help="bundle folder whose guidance the novice follows (default: shipped)")
+    parser.add_argument("--precision", default="int8", choices=["int8", "fp32", "fp16"], help="model file to run")
+    parser.add_argument("--workers", type=int, default=2, help="processes")
+
+    def run(args: argparse.Namespace) -> int:
+        if not 0 <= args.seed <= 9:
+            raise ValueError("--seed must be 0-9 (training patients are seeds 0-9999)")
+        info = collect_poses(args.out, args.episodes, args.seed, args.bundle, args.precision, args.workers)
+        print(f"{info['poses']} poses from {info['episodes']} guided episodes on training patients "
+              f"{info['patients']} (success {info['success_rate']:.0%}) -> {info['out']}")
+        return 0
+
+    return run
 
 
 def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:

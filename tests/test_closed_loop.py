@@ -189,3 +189,28 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     assert (tmp_path / "r" / "report.md").is_file()
     r = subprocess.run(cmd + ["--views", "XYZ"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "unknown view 'XYZ'" in r.stderr and "Traceback" not in r.stderr
+    poses = [sys.executable, "-m", "edge_app.cli", "eval", "poses", "--out", str(tmp_path / "p.npz")]
+    r = subprocess.run(poses + ["--seed", "12"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--seed must be 0-9" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_collect_poses_saves_visited_offsets_from_training_patients(tmp_path):
+    """`pocus eval poses`: guided episodes on training patients (seeds < 10000), poses shown relative
+    to the target every 0.2 s, tremor included; the first one is the start's offset."""
+    from devices.sim import SimulatedProbe
+    from edge_app.closed_loop import POSES_EVERY_S, TRAIN_SEED_BASE, collect_poses
+
+    info = collect_poses(tmp_path / "p.npz", episodes_per_view=1, bundle="truth", workers=1, progress=False,
+                         novice=NoviceParams(give_up_s=2.0))
+    with np.load(tmp_path / "p.npz") as z:
+        view, offset, patient = z["view"], z["offset"], z["patient_seed"]
+    assert info["episodes"] == 5 and info["poses"] == len(view) == len(offset) == len(patient)
+    assert sorted(set(view.tolist())) == [0, 1, 2, 3, 4] and offset.shape[1] == 5
+    assert 0 <= patient.min() and patient.max() < TRAIN_SEED_BASE + 10_000      # training split only
+    assert len(view) <= 5 * (int(2.0 / POSES_EVERY_S) + 1)
+    start = make_starts(["PLAX"], 1, seed=0, first_patient=TRAIN_SEED_BASE)[0]
+    first = offset[(patient == start.patient_seed)][0]
+    true = np.asarray(start.pose) - SimulatedProbe(patient_seed=start.patient_seed, realtime=False).target_pose("PLAX")
+    assert np.all(np.abs(first - true) / POSE_SCALE < 0.5)       # the start, up to the hand's tremor
+    with pytest.raises(ValueError, match="at least 1"):
+        collect_poses(tmp_path / "q.npz", episodes_per_view=0)

@@ -117,6 +117,47 @@ def test_sim_stream_splits_patients_between_workers():
     assert D.SimStream(list(range(5)), 8, rank=1, world_size=2).__len__() == 16
 
 
+def test_loop_poses_are_mixed_into_training_poses(tmp_path):
+    """Closed-loop poses (offsets from a target) are re-applied to this patient's target with
+    probability `share`; without them the pose stream is unchanged."""
+    from helpers_training import TARGETS, FakeProbe
+
+    offsets = np.array([[30.0, 0, 0, 0, 0], [0, 0, 0, 0, 5.0]])
+    np.savez(tmp_path / "p.npz", view=np.array([2, 4]), offset=offsets, patient_seed=np.array([7, 8]))
+    loop = D.LoopPoses.load(tmp_path / "p.npz", share=1.0)
+    probe, rng = FakeProbe(), np.random.default_rng(0)
+    drawn = [D.sample_training_pose(probe, rng, loop) for _ in range(20)]
+    expected = {(tuple(TARGETS[VIEWS[2]] + offsets[0]), 1), (tuple(TARGETS[VIEWS[4]] + offsets[1]), 0)}
+    assert {(tuple(p), m) for p, m in drawn} == expected       # 3 units away: medium; 0.5: near
+    a = [D.sample_training_pose(probe, np.random.default_rng(1))[0] for _ in range(3)]
+    b = [D.sample_training_pose(probe, np.random.default_rng(1), None)[0] for _ in range(3)]
+    assert np.array_equal(a, b)
+    half = D.LoopPoses.load(tmp_path / "p.npz", share=0.5)
+    rows = D.render_patient(3, 40, size=32, probe_factory=fake_factory, loop=half)
+    assert 0 < np.isin(rows["pose_offset"][:, 2, 0], [-30.0]).sum() < 40     # some frames, not all
+    stream = D.SimStream([0, 1], 4, size=32, probe_factory=fake_factory, loop=half)
+    assert len(list(stream)) == 8
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "not an .npz"),
+    ({"view": np.array([0]), "offset": np.zeros((1, 4))}, "need view"),
+    ({"view": np.array([9]), "offset": np.zeros((1, 5))}, "need view"),
+    ({"view": np.array([0]), "offset": np.full((1, 5), np.nan)}, "need view"),
+    ({"offset": np.zeros((1, 5))}, "not an .npz"),
+])
+def test_loop_poses_errors(tmp_path, content, match):
+    path = tmp_path / "p.npz"
+    if content is None:
+        path.write_bytes(b"junk")
+    else:
+        np.savez(path, **content)
+    with pytest.raises(ValueError, match=match):
+        D.LoopPoses.load(path, 0.3)
+    with pytest.raises(ValueError, match="loop_pose_share"):
+        D.LoopPoses.load(path, 0.0)
+
+
 AUGS = [GainContrast(), Gamma(), Blur(), Noise(), Jpeg(), PartialShadow(), Overlay(), ShiftScale()]
 
 

@@ -4,6 +4,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -120,6 +121,19 @@ def test_train_on_the_fly_stream(tmp_path):
                                     "val_frames_per_patient=8", "time_limit_min=5"])
     run = run_training(cfg, fake_factory, progress=False)
     assert json.loads((run / "metrics.json").read_text())[0]["step"] == 3  # 48 frames / 16
+
+
+def test_train_on_the_fly_with_loop_poses(tmp_path, shards):
+    np.savez(tmp_path / "loop.npz", view=np.array([0, 3]), offset=np.array([[5.0, 0, 0, 0, 0], [0, 0, 9.0, 0, 0]]))
+    base = TINY + ["epochs=1", "train_patients=2", "frames_per_patient=16", f"out_dir={tmp_path}",
+                   "val_frames_per_patient=8", f"loop_poses={tmp_path / 'loop.npz'}", "loop_pose_share=0.5"]
+    run = run_training(load_config(None, base), fake_factory, progress=False)
+    assert json.loads((run / "metrics.json").read_text())[0]["step"] == 2
+    with pytest.raises(ValueError, match="on-the-fly"):
+        run_training(load_config(None, base + [f"data_dir={shards}"]), fake_factory, progress=False)
+    with pytest.raises(ValueError, match="not an .npz"):
+        run_training(load_config(None, base[:-2] + [f"loop_poses={tmp_path / 'missing.npz'}"]), fake_factory,
+                     progress=False)
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):

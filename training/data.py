@@ -104,8 +104,54 @@ def _with_settings(probe: Any, factory: ProbeFactory, seed: int, settings: dict,
     return factory(seed, settings, size)
 
 
-def sample_training_pose(probe: Any, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """One pose from the near / medium / far mix. Returns (pose [5], mode 0|1|2)."""
+@dataclass(frozen=True)
+class LoopPoses:
+    """Poses the closed loop visits (`pocus eval poses`), as offsets from a target, mixed into the
+    training poses with probability `share`: the model then also learns the states its own guidance
+    leads novices into (DAgger), not only poses drawn around the targets.
+
+    Attributes:
+        view: int [N], index into VIEWS of each offset's target.
+        offset: float [N, 5], pose - target pose in mm / deg (POSE_AXES), tremor included.
+        share: probability that a training pose comes from here (0..1).
+    """
+
+    view: np.ndarray
+    offset: np.ndarray
+    share: float
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, share: float) -> "LoopPoses":
+        """Read an .npz written by `pocus eval poses`.
+
+        Raises:
+            ValueError: missing file or keys, mismatched shapes, unknown views, NaN offsets, share
+                outside (0, 1].
+        """
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"loop_pose_share must be in (0, 1], got {share}")
+        try:
+            with np.load(path) as z:
+                view, offset = np.asarray(z["view"], np.int64), np.asarray(z["offset"], np.float64)
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"loop poses {path}: not an .npz from `pocus eval poses` ({e})") from None
+        if (offset.ndim != 2 or offset.shape[1] != len(POSE_SCALE) or len(view) != len(offset) or not len(view)
+                or not np.isfinite(offset).all() or view.min() < 0 or view.max() >= len(VIEWS)):
+            raise ValueError(f"loop poses {path}: need view [N] in 0..{len(VIEWS) - 1} and finite offset "
+                             f"[N, {len(POSE_SCALE)}] with N > 0, got {view.shape} and {offset.shape}")
+        return cls(view, offset, float(share))
+
+
+def sample_training_pose(probe: Any, rng: np.random.Generator, loop: LoopPoses | None = None
+                         ) -> tuple[np.ndarray, int]:
+    """One pose from the near / medium / far mix, or with probability loop.share one the closed loop
+    visited (re-applied to this patient's target; its mode from its distance). Returns (pose [5],
+    mode 0|1|2). Without `loop` the random stream is the same as before loop poses existed."""
+    if loop is not None and rng.random() < loop.share:
+        i = int(rng.integers(len(loop.view)))
+        distance = float(np.linalg.norm(loop.offset[i] / POSE_SCALE))
+        mode = 0 if distance < NEAR_RADIUS[1] else 1 if distance < MEDIUM_RADIUS[1] else 2
+        return np.asarray(probe.target_pose(VIEWS[int(loop.view[i])]), dtype=np.float64) + loop.offset[i], mode
     u = rng.random()
     if u >= POSE_MIX[0] + POSE_MIX[1]:
         return np.asarray(probe.sample_pose(rng, "window"), dtype=np.float64), 2
@@ -118,8 +164,10 @@ def sample_training_pose(probe: Any, rng: np.random.Generator) -> tuple[np.ndarr
 
 
 def render_patient(patient_seed: int, frames: int, heldout: bool = False, size: int = INPUT_SIZE,
-                   probe_factory: ProbeFactory = make_sim_probe) -> dict[str, np.ndarray]:
-    """Render `frames` labelled frames of one patient (deterministic in the seed).
+                   probe_factory: ProbeFactory = make_sim_probe, loop: LoopPoses | None = None
+                   ) -> dict[str, np.ndarray]:
+    """Render `frames` labelled frames of one patient (deterministic in the seed); `loop` mixes in
+    closed-loop poses (sample_training_pose).
 
     Returns:
         Arrays in the shard format (see module docstring).
@@ -134,7 +182,7 @@ def render_patient(patient_seed: int, frames: int, heldout: bool = False, size: 
         render_px = int(round(size * scales[rng.choice(len(scales), p=weights)]))
         probe = _with_settings(probe, probe_factory, patient_seed, settings, render_px)
         for _ in group:
-            pose, mode = sample_training_pose(probe, rng)
+            pose, mode = sample_training_pose(probe, rng, loop)
             image, labels = probe.render(pose, float(rng.uniform(0.0, 10.0)))
             image = np.asarray(image, dtype=np.uint8)
             if image.shape != (size, size):
@@ -393,13 +441,16 @@ class SimStream(torch.utils.data.IterableDataset):
         rank, world_size: distributed split of the patients (before the worker split).
         probe_factory: (seed, settings, size) -> probe.
         shuffle_buffer: frames mixed across patients before yielding.
+        loop: closed-loop poses mixed into the pose draw (LoopPoses), or None.
     """
 
     def __init__(self, seeds: list[int], frames_per_patient: int, augment: Callable | None = None, seed: int = 0,
                  size: int = INPUT_SIZE, rank: int = 0, world_size: int = 1,
-                 probe_factory: ProbeFactory = make_sim_probe, shuffle_buffer: int = 256) -> None:
+                 probe_factory: ProbeFactory = make_sim_probe, shuffle_buffer: int = 256,
+                 loop: LoopPoses | None = None) -> None:
         self.seeds, self.k, self.augment, self.seed, self.size = list(seeds), frames_per_patient, augment, seed, size
         self.rank, self.world, self.factory, self.buffer, self.epoch = rank, world_size, probe_factory, shuffle_buffer, 0
+        self.loop = loop
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -421,7 +472,7 @@ class SimStream(torch.utils.data.IterableDataset):
         for s in rng.permutation(mine):
             # New poses every epoch: the patient seed fixes anatomy, the epoch offsets the pose stream.
             arrays = arrays_from_shard(render_patient(int(s) + 100_000 * self.epoch, self.k, False, self.size,
-                                                      _SeedFixed(int(s), self.factory)))
+                                                      _SeedFixed(int(s), self.factory), self.loop))
             ds = FrameDataset(arrays, self.augment, int(rng.integers(1 << 31)), self.size)
             buf.extend(ds[i] for i in range(len(ds)))
             while len(buf) > self.buffer:

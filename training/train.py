@@ -34,6 +34,8 @@ class TrainConfig:
     train_patients: int = 200          # on the fly: seeds 0..N-1; with data_dir: at most this many shards (0 = all)
     val_patients: int = 20             # validation patients (seeds 10000+) when data_dir has no val/
     frames_per_patient: int = 100      # on the fly: frames per patient per epoch (new poses every epoch)
+    loop_poses: str = ""               # on the fly: .npz from `pocus eval poses` (closed-loop poses, DAgger); "" = none
+    loop_pose_share: float = 0.3       # share of training poses drawn from loop_poses when it is set
     val_frames_per_patient: int = 60   # frames per validation patient when rendered here
     input_size: int = 128              # model input side in px (devices.preprocess.INPUT_SIZE for shipping)
     epochs: int = 30                   # passes over the training set
@@ -217,11 +219,14 @@ def build_datasets(cfg: TrainConfig, rank: int = 0, world: int = 1, probe_factor
         from training.real_data import load_real
 
         parts.append(load_real(cfg.real_dir, split="train"))
+    if parts and cfg.loop_poses:
+        raise ValueError("loop_poses applies to on-the-fly rendering: leave data_dir and real_dir empty")
     if parts:
         train = D.FrameDataset(D.FrameArrays.concat(parts), aug, cfg.seed, cfg.input_size)
     else:
+        loop = D.LoopPoses.load(cfg.loop_poses, cfg.loop_pose_share) if cfg.loop_poses else None
         train = D.SimStream(D.split_seeds("train", cfg.train_patients), cfg.frames_per_patient, aug, cfg.seed,
-                            cfg.input_size, rank, world, factory)
+                            cfg.input_size, rank, world, factory, loop=loop)
     val_dir = Path(cfg.data_dir) / "val" if cfg.data_dir else None
     if val_dir is not None and val_dir.is_dir():
         val = D.load_shards(val_dir, cfg.val_patients or None)
