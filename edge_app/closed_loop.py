@@ -207,7 +207,8 @@ class TruthPredictor:
 
 def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share: float = 0.5,
                 first_patient: int = EVAL_SEED_BASE) -> list[Start]:
-    """Deterministic starts on held-out patients (from `first_patient`; 1000 patients per seed).
+    """Deterministic starts, on held-out patients by default (patients first_patient + 1000 x seed
+    onwards; `pocus eval poses` passes the training split's base).
 
     "near": the target pose plus N(0, 1) normalized units per axis (about 1 cm and 10 deg off);
     "far": anywhere on the target's acoustic window (+-25 mm, rotation +-90 deg, tilt/rock +-25 deg
