@@ -138,3 +138,20 @@ class FrozenDetector:
                 self._since = t
         self._prev = thumb
         return t - self._since
+
+
+def perturbations(image: np.ndarray) -> list[np.ndarray]:
+    """The image and seven small changes a scanner or a hand makes (gain up and down, gamma, a 5 %
+    shift either way, a 10 % zoom, blur): a quality estimate that holds under all of them is more
+    often right (EngineConfig.capture_check_slack)."""
+    img = np.asarray(image)
+    h, w = img.shape[:2]
+    dx = max(1, round(0.05 * w))
+    left, right = np.zeros_like(img), np.zeros_like(img)
+    right[:, dx:], left[:, :-dx] = img[:, :-dx], img[:, dx:]
+    ch, cw = int(h * 0.9), int(w * 0.9)
+    y, x = (h - ch) // 2, (w - cw) // 2
+    f = img.astype(np.float32)
+    return [img, np.clip(f * 1.2, 0, 255).astype(np.uint8), (f * 0.8).astype(np.uint8),
+            (255 * (f / 255.0) ** 1.3).astype(np.uint8), right, left,
+            cv2.resize(img[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_AREA), cv2.GaussianBlur(img, (5, 5), 1.0)]

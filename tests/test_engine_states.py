@@ -275,6 +275,8 @@ def test_config_validation():
         EngineConfig(reversal_block_s=-1).resolved()
     with pytest.raises(ValueError, match="reversals"):
         EngineConfig(reversals=0).resolved()
+    with pytest.raises(ValueError, match="capture_check_slack"):
+        EngineConfig(capture_check_slack=1.5).resolved()
 
 
 def test_an_instruction_that_keeps_reversing_gives_way_to_the_next_best_axis():
@@ -296,3 +298,37 @@ def test_an_instruction_that_keeps_reversing_gives_way_to_the_next_best_axis():
 
     assert shown() == [{"ROTATE_CW"}, {"ROTATE_CCW"}, {"ROCK_AWAY"}, {"ROCK_AWAY"}]
     assert shown(reversal_block_s=0.0) == [{"ROTATE_CW"}, {"ROTATE_CCW"}, {"ROTATE_CW"}, {"ROTATE_CCW"}]
+
+
+@pytest.mark.parametrize("perturbed_quality, captured", [(0.95, True), (0.5, False)])
+def test_capture_check_needs_quality_that_holds_under_small_image_changes(perturbed_quality, captured):
+    """With capture_check_slack set (the default), a hold at the capture level captures only if the model's
+    quality stays up on shifted, zoomed, brighter ... copies of frames from the hold."""
+    fed = []
+
+    def image(t):
+        fed.append(us_image(t))
+        return fed[-1]
+
+    def script(img, call):
+        seen = any(img is f for f in fed[-60:])
+        return make_output("A4C", 0.95, quality=0.95 if seen else perturbed_quality, action="HOLD")
+
+    engine, pred = make_engine()
+    pred.script = script
+    states = Feeder(engine).run(4.0, image=image)
+    assert bool(states[-1].captures) == captured
+    assert any(s.state == "HOLD" for s in states)
+    if not captured:   # the hold restarts: the app keeps asking to hold still, it never says "captured"
+        assert all(s.state != "CAPTURED" for s in states)
+        assert any("not clear enough to save" in s.instruction for s in states)
+
+
+def test_perturbations_keep_the_frame_format():
+    from edge_app.safety import perturbations
+
+    img = us_image(0.0, size=96)[:80]                      # not square
+    out = perturbations(img)
+    assert len(out) == 8 and out[0] is img
+    assert all(p.shape == img.shape and p.dtype == np.uint8 for p in out)
+    assert all(not np.array_equal(p, img) for p in out[1:])
