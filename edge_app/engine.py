@@ -258,8 +258,9 @@ class EngineConfig:
         capture_check_slack: None (off) or how far under the capture level (0.85 -> 0.8) the
             model's worst ratings may be: when the hold is complete, the model also rates three
             frames of the hold under seven small image changes (safety.perturbations); the mean of
-            their worst ratings must reach capture level - slack, else the hold starts again. Costs ~9 ms per frame checked (27 ms once per completed hold) on the
-            2-core CPU. On capture-candidate frames of the closed loop (smoothed quality >= 0.8, 12.7 k
+            their worst ratings must reach capture level - slack, else the hold starts again.
+            Costs ~9 ms per frame checked (27 ms once per completed hold) on the 2-core CPU.
+            On capture-candidate frames of the closed loop (smoothed quality >= 0.8, 12.7 k
             frames, seeds 1-3) the worst rating separates truly non-diagnostic frames better than
             the quality itself (AUC 0.71 vs 0.62). Closed loop, seeds 1-3 (300 episodes), from
             227 successes / 9 false captures: level 0.75 -> 225 / 7, 0.8 -> 203 / 3; seeds 4-5 (run
