@@ -90,7 +90,7 @@ def test_e2e_benchmark_machinery_with_fakes():
     assert r["latency_ms"]["p50"] is not None and r["latency_ms"]["p50"] <= r["latency_ms"]["p99"]
     assert set(r["stages_ms"]) == {"read", "mailbox wait", "preprocess", "inference", "smoothing+gates"}
     shares = [s["share"] for s in r["stages_ms"].values() if s["share"] is not None]
-    assert 0.5 < sum(shares) <= 1.05
+    assert 0.5 < sum(shares) <= 1.15   # stage means come from slightly different frame sets: ~1 +- noise
     assert r["rss_mb"]["start"] > 10 and r["rss_mb"]["max"] >= r["rss_mb"]["end"]
     text = format_table(r)
     assert "pipeline keeps up" in text and "smoothing+gates" in text
