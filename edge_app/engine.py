@@ -841,19 +841,18 @@ class GuidanceEngine:
         good = (self._armed and fields["available"] and state in ("HOLD", "GUIDING")
                 and quality >= cfg.capture_level)
         if not good:
-            self._good_since = self._unclear_since = None
+            self._good_since, self._unclear = None, False
             return fields
         if self._good_since is None:
             self._good_since = now
         held = now - self._good_since
         if held < cfg.capture_hold_s:
-            unclear = self._unclear_since is not None and self._unclear_since <= self._good_since
             fields.update(hold_progress=held / cfg.capture_hold_s,
-                          instruction=NOT_CLEAR_YET.format(view=self._target) if unclear
+                          instruction=NOT_CLEAR_YET.format(view=self._target) if self._unclear
                           else f"Hold still: recording the {self._target} clip")
             return fields
         if cfg.capture_check_slack is not None and not self._confirms_capture(now):
-            self._good_since = self._unclear_since = now      # hold again, and say why
+            self._good_since, self._unclear = now, True       # hold again, and say why
             fields.update(hold_progress=0.0, instruction=NOT_CLEAR_YET.format(view=self._target))
             return fields
         self._capture(now, auto=True)
@@ -935,7 +934,7 @@ class GuidanceEngine:
     def _reset_hold_timer(self) -> None:
         """Forget the shown instruction and the capture / stuck-at-HOLD timers."""
         self._selector.reset()
-        self._good_since = self._unclear_since = None
+        self._good_since, self._unclear = None, False    # _unclear: this hold follows a failed capture check
         self._forget_stuck_hold()
 
     def _forget_stuck_hold(self) -> None:

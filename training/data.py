@@ -371,11 +371,12 @@ def load_shards(folder: str | Path, max_patients: int | None = None) -> FrameArr
     meta_path = folder / "dataset.json"
     if meta_path.is_file():
         made_with = json.loads(meta_path.read_text()).get("sim_fingerprint")
-        if made_with not in (None, "custom", sim_fingerprint()):
+        now = sim_fingerprint()
+        if made_with not in (None, "custom", now):
             import warnings
 
             warnings.warn(f"{folder} was rendered by another simulator version ({made_with}, now "
-                          f"{sim_fingerprint()}): render it again with `pocus sim dataset` to train on today's images")
+                          f"{now}): render it again with `pocus sim dataset` to train on today's images")
     parts = []
     for p in paths[:max_patients]:
         try:

@@ -322,6 +322,7 @@ def run_training(cfg: TrainConfig, probe_factory: Any = None, progress: bool = T
     from training.models import create_model, make_checkpoint
 
     rank, world, local_rank = _dist_info()
+    fingerprint = sim_fingerprint()   # once per run: it parses the simulator's code (~0.15 s)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") or
                                 (cfg.device == "auto" and torch.cuda.is_available()) else "gloo")
@@ -452,7 +453,7 @@ def run_training(cfg: TrainConfig, probe_factory: Any = None, progress: bool = T
             s = score(metrics)
             ckpt = make_checkpoint(model, cfg.model, cfg.model_kwargs, conf, metrics, epoch, opt.state_dict(),
                                    cfg.input_size)
-            ckpt["sim_fingerprint"] = sim_fingerprint()  # which simulator version made the images and labels
+            ckpt["sim_fingerprint"] = fingerprint  # which simulator version made the images and labels
             ckpt["train_state"] = {"step": step, "best_score": max(best, s), "history": history,
                                    "elapsed_s": time.time() - t_start}
             torch.save(ckpt, run_dir / "last.pt")
