@@ -59,6 +59,15 @@ VIEW_RADIUS = 2.0
 QUALITY_DIAGNOSTIC = 0.6
 # ... and good (grade 4 or better): between the two, a teacher says "diagnostic, now refine it".
 QUALITY_GOOD = 0.8
+# The screen says how big a move is ("small / medium / large move") from the offset left along the
+# instructed axis, in normalized pose units: under 0.75 small, under 1.5 medium, else large.
+MOVE_SIZES = ("small", "medium", "large")
+MOVE_SIZE_EDGES = (0.75, 1.5)
+
+
+def move_size(magnitude: float) -> int:
+    """Index into MOVE_SIZES of the move the screen asks for, given the offset along the axis."""
+    return int(np.searchsorted(MOVE_SIZE_EDGES, float(magnitude), side="right"))
 
 
 def view_index(name: str) -> int:

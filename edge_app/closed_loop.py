@@ -27,7 +27,8 @@ from typing import Any, Callable
 import numpy as np
 
 from devices.base import Frame
-from devices.labels import ACTIONS, HOLD, POSE_SCALE, QUALITY_DIAGNOSTIC, VIEWS, action_delta, view_index
+from devices.labels import (ACTIONS, HOLD, MOVE_SIZES, POSE_SCALE, QUALITY_DIAGNOSTIC, VIEWS, action_delta, move_size,
+                           view_index)
 
 POLICIES = ("guided", "oracle", "unguided")
 # Patients never used in training, validation or the training test split (those use seeds < 30000).
@@ -47,6 +48,10 @@ class NoviceParams:
     move_s: float = 0.5              # one adjustment takes about half a second of hand motion
     step_mean: float = 0.6           # a few mm to ~1 cm of slide, 5-15 deg of angle per adjustment
     step_cv: float = 0.4             # spread of step size: over- and under-shoot
+    size_steps: tuple[float, float, float] = (1.0, 1.0, 1.0)  # step x this for the screen's "small /
+    #                                  medium / large move" caption (devices.labels.MOVE_SIZES); the
+    #                                  default ignores the caption; (0.5, 1.0, 1.6) follows it: ~3 mm or
+    #                                  3-4 deg, ~6 mm or 7 deg, ~1 cm or 10-12 deg (`--size-steps`)
     wrong_way_p: float = 0.1         # moves opposite to the instruction (left/right, cw/ccw mix-ups)
     tremor: float = 0.05             # hand tremor around the intended pose, normalized units (sd), also while holding
     search_every_s: float = 2.0      # with no instruction, a small searching move this often
@@ -61,6 +66,9 @@ class NoviceParams:
                      "give_up_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"novice parameter {name} must be >= 0, got {getattr(self, name)}")
+        if len(self.size_steps) != len(MOVE_SIZES) or min(self.size_steps) < 0:
+            raise ValueError(f"size_steps needs {len(MOVE_SIZES)} factors >= 0 (small, medium, large), got "
+                             f"{self.size_steps}")
         if not 0.0 <= self.wrong_way_p <= 1.0:
             raise ValueError(f"wrong_way_p must be in [0, 1], got {self.wrong_way_p}")
         return self
@@ -127,8 +135,9 @@ class Novice:
         self._seen_action, self._seen_since = None, now
         self._next_search = now + self.p.search_every_s
 
-    def step(self, now: float, dt: float, action: int | None) -> np.ndarray:
-        """Intended pose change [5] for this tick, given the instruction on screen (None: none)."""
+    def step(self, now: float, dt: float, action: int | None, size: int = 1) -> np.ndarray:
+        """Intended pose change [5] for this tick, given the instruction on screen (None: none) and
+        the size of move it asks for (index into MOVE_SIZES)."""
         delta = np.zeros(5)
         if self._motion is not None:
             share = min(1.0, dt / self._motion_left_s)
@@ -148,7 +157,7 @@ class Novice:
             return delta
         self._next_search = now + self.p.search_every_s
         if action != HOLD and now - self._seen_since >= self.p.reaction_s:
-            self._start_move(action)
+            self._start_move(action, self.p.size_steps[size])
         return delta
 
 
@@ -286,10 +295,15 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
             ok = quality >= QUALITY_DIAGNOSTIC
             return EpisodeResult(policy, start.target, start.kind, start.patient_seed, ok, True, not ok, now,
                                  path, n_unavailable / (tick + 1), quality, trajectory, visited)
+        size = 1
         if policy == "guided":
             action = ACTIONS.index(state.action) if (state.available and state.action) else None
+            size = move_size(state.magnitude)
         elif policy == "oracle":
             action = int(labels["action"][target])
+            if action != HOLD:
+                axis = action // 2
+                size = move_size(abs(float(labels["pose_offset"][target][axis])) / POSE_SCALE[axis])
         else:
             action = None
         lost = policy == "unguided" or (policy == "guided" and state.state == "SEARCHING" and action is None)
@@ -301,7 +315,7 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
             delta = probe.sample_pose(hand.rng, "window", view=start.target) - pose
             lost_since = now
         else:
-            delta = hand.step(now, dt, action)
+            delta = hand.step(now, dt, action, size)
         probe.set_pose(pose + delta)
         path += float(np.linalg.norm((np.asarray(probe.pose) - pose) / POSE_SCALE))
     return EpisodeResult(policy, start.target, start.kind, start.patient_seed, False, False, False,
@@ -599,6 +613,9 @@ def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
     parser.add_argument("--sweep", type=float, nargs="*", default=list(d.wrong_way_sweep),
                         help="extra guided runs at these wrong-way probabilities (none: skip)")
     parser.add_argument("--give-up", type=float, default=n.give_up_s, help="time limit per episode (simulated s)")
+    parser.add_argument("--size-steps", type=float, nargs=3, default=list(n.size_steps), metavar=("SMALL", "MEDIUM", "LARGE"),
+                        help="novice's step factor for the screen's small / medium / large move caption "
+                             "(default 1 1 1: ignores it; 0.5 1 1.6: follows it)")
     parser.add_argument("--capture-margin", type=float, default=None,
                         help="engine's auto-capture margin over the diagnostic threshold (default: the engine's)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -610,7 +627,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
         cfg = EvalConfig(bundle=args.bundle, precision=args.precision, episodes=args.episodes,
                          views=tuple(args.views), seed=args.seed, wrong_way_sweep=tuple(args.sweep),
                          workers=args.workers, capture_margin=args.capture_margin)
-        novice = NoviceParams(wrong_way_p=args.wrong_way, give_up_s=args.give_up)
+        novice = NoviceParams(wrong_way_p=args.wrong_way, give_up_s=args.give_up,
+                              size_steps=tuple(args.size_steps))
         summary, results = evaluate(cfg, novice, progress=not args.json)
         if args.out:
             report = write_report(Path(args.out), summary, results)

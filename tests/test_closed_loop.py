@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.labels import ACTIONS, HOLD, POSE_SCALE
+from devices.labels import ACTIONS, HOLD, POSE_SCALE, move_size
 from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, headline_table, make_starts,
                                   run_episode, summarize, wilson_interval, write_report)
 from helpers_engine import make_output
@@ -128,6 +128,23 @@ def test_novice_wrong_way_and_tremor():
     assert 0.03 < jitter.std() < 0.07
     with pytest.raises(ValueError, match="wrong_way_p"):
         NoviceParams(wrong_way_p=1.5).validate()
+
+
+def test_novice_step_follows_the_move_size_caption_only_when_asked():
+    base = dict(reaction_s=0.0, step_mean=0.6, step_cv=0.0, wrong_way_p=0.0, tremor=0.0)
+
+    def one_move(params, size):
+        hand = Novice(params, np.random.default_rng(0))
+        return np.sum([hand.step(i / 15, 1 / 15, ACTIONS.index("SLIDE_HEAD"), size) for i in range(9)], axis=0)[0]
+
+    ignores = NoviceParams(**base)
+    assert [one_move(ignores, size) for size in range(3)] == pytest.approx([0.6 * POSE_SCALE[0]] * 3)
+    follows = NoviceParams(**base, size_steps=(0.5, 1.0, 1.6))
+    assert [one_move(follows, size) for size in range(3)] == pytest.approx([0.3 * POSE_SCALE[0], 0.6 * POSE_SCALE[0],
+                                                                         0.96 * POSE_SCALE[0]])
+    assert [move_size(m) for m in (0.2, 0.75, 1.2, 1.5, 4.0)] == [0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="size_steps"):
+        NoviceParams(size_steps=(1.0, 1.0)).validate()
 
 
 def _result(policy, target, kind, success, captured, t, path=1.0, unavailable=0.0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from devices.labels import ACTION_TEXT, ACTIONS, QUALITY_DIAGNOSTIC
+from devices.labels import ACTION_TEXT, ACTIONS, MOVE_SIZES, QUALITY_DIAGNOSTIC, move_size
 
 # RGBA in 0..1. Bright, distinct hues that read on a grayscale ultrasound image.
 COLORS: dict[str, tuple[float, float, float, float]] = {
@@ -95,12 +95,7 @@ def unavailable_text(reasons: tuple[str, ...] | list[str] | None, instruction: s
 
 
 def _magnitude_caption(action: str, magnitude: float) -> str:
-    verb = action.split("_")[0].capitalize()
-    if magnitude >= 1.5:
-        return f"{verb}: large move"
-    if magnitude >= 0.75:
-        return f"{verb}: medium move"
-    return f"{verb}: small move"
+    return f"{action.split('_')[0].capitalize()}: {MOVE_SIZES[move_size(magnitude)]} move"
 
 
 def _f(value: Any, default: float = 0.0) -> float:
