@@ -259,7 +259,7 @@ class EngineConfig:
             corrections reverse legitimately. Blocking only beyond a predicted distance of 1 unit
             gives ground truth its 94 % back but the model nothing (seeds 1-3: 199 / 3 false
             captures vs 203 / 3), so the block applies everywhere.
-        capture_check_slack: None (off) or how far under the capture level (0.85 -> 0.8) the
+        capture_check_slack: None (off) or how far under the capture level (0.85 -> 0.82) the
             model's worst ratings may be: when the hold is complete, the model also rates three
             frames of the hold under seven small image changes (safety.perturbations); the mean of
             their worst ratings must reach capture level - slack, else the hold starts again.
@@ -270,9 +270,18 @@ class EngineConfig:
             227 successes / 9 false captures: level 0.75 -> 225 / 7, 0.8 -> 203 / 3; seeds 4-5 (run
             after choosing 0.8): 156 / 6 -> 137 / 1. Seeds 1-5: 383 / 15 -> 340 / 4 (0.8 %). Safety
             first: a non-diagnostic clip saved as diagnostic is a silent wrong answer, a missed
-            capture is a visible one, so the check ships (None turns it off).
-        hold_stuck_s: the model says HOLD (at the target) but quality stays under the capture level
-            this long -> one fine correction along the largest axis of the predicted pose offset.
+            capture is a visible one, so the check ships (None turns it off). With the stuck-hold
+            timer below running through the quality's wobble (more holds reach the check), 0.8
+            gave 368 / 7 on seeds 1-5 (1.4 %, over the 1 % target) and 0.82 gives 336 / 3 (0.6 %),
+            so the level is 0.82.
+        hold_stuck_s: HOLD (the model says "at the target", or the quality reaches the capture level)
+            this long without a capture -> one fine correction along the largest axis of the
+            predicted pose offset, shown while the quality is under the capture level. The timer
+            runs through short rises to the capture level: at the edge of the target, tremor makes
+            the quality wobble around it and a hold that never lasts capture_hold_s would otherwise
+            wait until time runs out. Closed loop, seeds 1-5 with the check at 0.8: 340 -> 368
+            successes of 500, false captures 4 -> 7; at 0.82 (shipped) 336 / 3: more captures of
+            both kinds, the same trade-off curve. Ground truth gains (seed 1: 87 -> 88 %).
         clip_s: length of a saved clip (2-3 beats).
         captured_show_s: how long CAPTURED stays on screen before the next protocol view.
         rearm_margin: after a capture, quality must fall this far below the threshold before the
@@ -308,7 +317,7 @@ class EngineConfig:
     reversal_block_s: float = 5.0
     reversal_window_s: float = 6.0
     reversals: int = 2
-    capture_check_slack: float | None = 0.05
+    capture_check_slack: float | None = 0.03
 
     @property
     def capture_level(self) -> float:
@@ -799,7 +808,8 @@ class GuidanceEngine:
 
         a = self._selector.update(action_probs, now)
         if quality >= cfg.capture_level:
-            self._forget_stuck_hold()
+            if self._holding_since is None:
+                self._holding_since = now          # a capture may follow; if not, the timer runs on
             name, a = "HOLD", HOLD
         elif a == HOLD:
             name, a = self._hold_or_fine_correction(pose, now)
@@ -818,17 +828,18 @@ class GuidanceEngine:
     def _hold_or_fine_correction(self, pose: np.ndarray, now: float) -> tuple[str, int]:
         """The model says "at the target" but the image is not good enough to capture: hold a while
         (the heart and the hand move the image), then show one fine correction toward the target
-        along the largest axis of the predicted pose offset, for one dwell time."""
+        along the largest axis of the predicted pose offset, for one dwell time. The hold timer
+        starts at the first HOLD and runs on while the quality touches the capture level."""
         if now < self._fine_until:
             return "GUIDING", self._fine_action
-        if self._hold_low_since is None:
-            self._hold_low_since = now
+        if self._holding_since is None:
+            self._holding_since = now
         axis = int(np.argmax(np.abs(pose)))
-        if now - self._hold_low_since < self.config.hold_stuck_s or abs(float(pose[axis])) < FINE_MIN_OFFSET:
+        if now - self._holding_since < self.config.hold_stuck_s or abs(float(pose[axis])) < FINE_MIN_OFFSET:
             return "HOLD", HOLD
         self._fine_action = 2 * axis + int(pose[axis] < 0)
         self._fine_until = now + max(self.config.min_dwell_s, 1e-3)
-        self._hold_low_since = self._fine_until      # after the correction, hold again before the next one
+        self._holding_since = self._fine_until      # after the correction, hold again before the next one
         return "GUIDING", self._fine_action
 
     def _auto_capture(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
@@ -938,8 +949,8 @@ class GuidanceEngine:
         self._forget_stuck_hold()
 
     def _forget_stuck_hold(self) -> None:
-        """No fine correction pending and no "HOLD at poor quality" timer running."""
-        self._hold_low_since: float | None = None
+        """No fine correction pending and no "HOLD without a capture" timer running."""
+        self._holding_since: float | None = None
         self._fine_until, self._fine_action = -math.inf, HOLD
 
     def _reset_session(self) -> None:

@@ -178,6 +178,28 @@ def test_hold_with_poor_quality_turns_into_a_fine_correction_then_holds_again():
     assert all(s.state == "HOLD" for s in states if first_fine + 0.85 <= s.t < first_fine + 2.7)
 
 
+def test_quality_flickering_at_the_capture_level_still_gets_a_fine_correction():
+    """At the edge of the target the smoothed quality wobbles around the capture level (hand tremor):
+    the hold never lasts capture_hold_s, so after hold_stuck_s in HOLD one fine correction is shown
+    (at a moment the quality is under the level), instead of waiting in HOLD until time runs out."""
+    import dataclasses
+
+    pose = np.zeros((5, 5))
+    pose[:, 0] = 0.5                                   # the target is toward the head
+    high, low = (dataclasses.replace(make_output("A4C", 0.95, quality=q, action="HOLD"), pose_offset=pose)
+                 for q in (0.9, 0.8))
+    engine, pred = make_engine(high, hold_stuck_s=2.0, min_dwell_s=0.8, smoothing_s=0.0, capture_hold_s=1.5)
+    feed = Feeder(engine)
+    states = []
+    for i in range(8):                                 # 0.5 s above the capture level, 0.5 s under it
+        states += feed.run(0.5, output=high if i % 2 == 0 else low, predictor=pred)
+    assert not states[-1].captures
+    fine = [s for s in states if s.state == "GUIDING"]
+    assert fine and all(s.action == "SLIDE_HEAD" and s.quality < engine.config.capture_level for s in fine)
+    assert 2.0 <= fine[0].t <= 3.0
+    assert all(s.state == "HOLD" for s in states if s.t < fine[0].t)
+
+
 def test_energy_gate_only_when_set():
     predictor = ScriptedPredictor(make_output(ood=-2.0))
     predictor.manifest = {"thresholds": {"quality_diagnostic": 0.7, "confidence_min": 0.5, "ood_energy_max": -4.0}}
