@@ -907,6 +907,7 @@ class GuidanceEngine:
         self._captures += (cap,)
         self._armed = False
         self._good_since = None
+        self._forget_stuck_hold()
         self._captured_until = now + self.config.captured_show_s
         nxt = ""
         if self._protocol and self._step_i < len(self._protocol) and self._protocol[self._step_i] == view:
