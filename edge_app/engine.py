@@ -807,15 +807,13 @@ class GuidanceEngine:
             return fields
 
         a = self._selector.update(action_probs, now)
-        if quality >= cfg.capture_level:
-            if self._holding_since is None:
-                self._holding_since = now          # a capture may follow; if not, the timer runs on
-            name, a = "HOLD", HOLD
-        elif a == HOLD:
-            name, a = self._hold_or_fine_correction(pose, now)
-        else:
+        if quality < cfg.capture_level and a != HOLD:
             self._forget_stuck_hold()
             name = "GUIDING"
+        else:
+            if self._holding_since is None:         # runs on through rises to the capture level
+                self._holding_since = now
+            name, a = ("HOLD", HOLD) if quality >= cfg.capture_level else self._hold_or_fine_correction(pose, now)
         action, text = ACTIONS[a], ACTION_TEXT[ACTIONS[a]]
         if name == "GUIDING" and quality >= cfg.quality_threshold:
             text = NEARLY_THERE + text[0].lower() + text[1:]     # diagnostic already: say why it goes on
@@ -832,8 +830,6 @@ class GuidanceEngine:
         starts at the first HOLD and runs on while the quality touches the capture level."""
         if now < self._fine_until:
             return "GUIDING", self._fine_action
-        if self._holding_since is None:
-            self._holding_since = now
         axis = int(np.argmax(np.abs(pose)))
         if now - self._holding_since < self.config.hold_stuck_s or abs(float(pose[axis])) < FINE_MIN_OFFSET:
             return "HOLD", HOLD
