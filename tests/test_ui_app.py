@@ -91,9 +91,9 @@ def test_live_image_is_shown_and_moves(live):
     assert ia["rects"]["image"] == ib["rects"]["image"]
     x, y, w, h = ia["rects"]["image"]
     assert w >= 400 and h >= 400, f"image drawn too small: {w}x{h} px"
-    # The icon overlaps the image's top-left corner: compare the image's right 60 % only.
-    right = [x + int(0.4 * w), y, int(0.6 * w), h]
-    img_a, img_b = crop(a, right), crop(b, right)
+    icon = ia["rects"]["icon"]
+    assert icon[0] + icon[2] <= x, f"the instruction icon covers the image on a 1280x800 window: {ia['rects']}"
+    img_a, img_b = crop(a, [x, y, w, h]), crop(b, [x, y, w, h])
     assert _gray_fraction(img_a) > 0.97, "the live image is not grayscale where it is drawn"
     assert img_a.std() > 10, "the live image region is flat"
     assert np.abs(img_a.astype(np.int16) - img_b.astype(np.int16)).mean() > 2, "the image did not change"
@@ -271,6 +271,7 @@ def test_big_screen_layout_fits_and_does_not_overlap(icons):
         assert 0 <= x and 0 <= y and x + w <= W and y + h <= H, f"{name} is off screen: {r[name]}"
     image, meter = r["image"], r["meter_bar"]
     assert image[0] + image[2] <= meter[0], "the quality meter covers the image"
+    assert r["icon"][0] + r["icon"][2] <= image[0], f"the instruction icon covers the image: {r}"
     assert image[3] >= 0.6 * H, f"image only {image[3]} px tall on a {H} px screen"
     assert min(info["min_touch_px"]) >= 48
 

@@ -109,8 +109,8 @@ class PocusApp(App):
         image_area = BoxLayout(orientation="vertical")
         self.banner = Banner(size_hint_y=None, height=dp(76))
         image_area.add_widget(self.banner)
-        # The stage: image in the middle, instruction icon over its top-left (the sector leaves
-        # the image's top corners black), quality meter standing at its right edge.
+        # The stage: instruction icon at its top-left, image beside it (or under it on a narrow
+        # stage, see _place_stage), quality meter standing at its right edge.
         stage = FloatLayout()
         self.live = LiveImage(size_hint=(None, None))
         self.guide_icon = InstructionIcon(size_hint=(None, None))
@@ -179,11 +179,17 @@ class PocusApp(App):
         meter_w = dp(150)
         self.meter.size = (meter_w, stage.height - 2 * pad)
         self.meter.pos = (stage.right - meter_w - pad, stage.y + pad)
-        self.live.size = (stage.width - meter_w - 2 * pad, stage.height)
-        self.live.pos = (stage.x, stage.y)
+        image_w = stage.width - meter_w - 2 * pad
         side = min(stage.height * 0.5, stage.width * 0.28, dp(400))
         self.guide_icon.size = (side, side + dp(36))
         self.guide_icon.pos = (stage.x + pad, stage.top - self.guide_icon.height - pad)
+        # On a wide stage the image goes right of the icon, so the icon (and its caption) never
+        # covers the sector; on a narrow one it keeps the full width, the icon over its top-left
+        # corner, which the sector leaves black.
+        beside = image_w - side - pad
+        left = side + pad if beside >= stage.height else 0.0
+        self.live.size = (image_w - left, stage.height)
+        self.live.pos = (stage.x + left, stage.y)
 
     # ---------- engine calls (never let a UI tap crash the screen) ----------
     def _call(self, method: str, *args) -> None:
