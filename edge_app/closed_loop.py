@@ -27,10 +27,13 @@ from typing import Any, Callable
 import numpy as np
 
 from devices.base import Frame
-from devices.labels import (ACTIONS, HOLD, MOVE_SIZES, POSE_SCALE, QUALITY_DIAGNOSTIC, VIEWS, action_delta, move_size,
-                           view_index)
+from devices.labels import (ACTIONS, HOLD, HOLD_RADIUS, MOVE_SIZES, POSE_SCALE, QUALITY_DIAGNOSTIC, VIEW_RADIUS, VIEWS,
+                           action_delta, move_size, pose_distance, view_index)
 
 POLICIES = ("guided", "oracle", "unguided")
+# How an episode ended, from the simulator's truth along its path (`episode_outcome`): where to look
+# when guidance misses its target, the probe's path, the image there, or the capture decision.
+OUTCOMES = ("success", "false_capture", "never_near", "never_at_target", "below_capture_level", "not_captured")
 # Patients never used in training, validation or the training test split (those use seeds < 30000).
 EVAL_SEED_BASE = 30000
 TRAIN_SEED_BASE = 0        # training.data.SPLIT_SEED_BASE["train"]: `pocus eval poses` runs on training patients
@@ -100,6 +103,26 @@ class EpisodeResult:
     capture_quality: float | None     # true quality at capture
     trajectory: list[list] = field(default_factory=list)  # [t, head_mm, left_mm] samples; [t, None, None]: probe lifted
     visited: list[list[float]] = field(default_factory=list)  # pose shown - target pose (mm / deg), keep_poses only
+    closest: float = math.inf         # smallest true pose distance to the target (normalized units)
+    best_clip_quality: float = 0.0    # best true quality of a capture-hold's frames anywhere on the path
+    outcome: str = ""                 # one of OUTCOMES (episode_outcome)
+
+
+def episode_outcome(success: bool, captured: bool, closest: float, best_clip_quality: float,
+                    capture_level: float) -> str:
+    """Why an episode ended as it did. Without a capture: a clip at the capture level (in truth) was
+    on the path and the engine did not take it ("not_captured": quality estimate or capture rules);
+    else the probe never came within VIEW_RADIUS of the target ("never_near": coarse guidance), or
+    never within HOLD_RADIUS ("never_at_target": fine guidance), or it was at the target and no clip
+    reached the capture level in truth ("below_capture_level": the patient's window, the last fine
+    adjustment, tremor; such a clip may still be diagnostic, the level has a safety margin)."""
+    if captured:
+        return "success" if success else "false_capture"
+    if best_clip_quality >= capture_level:
+        return "not_captured"
+    if closest > VIEW_RADIUS:
+        return "never_near"
+    return "never_at_target" if closest > HOLD_RADIUS else "below_capture_level"
 
 
 class Novice:
@@ -273,6 +296,7 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
     n_ticks = int(math.ceil(novice.give_up_s * fps))
     hold_ticks = max(1, int(round(engine.config.capture_hold_s * fps)))
     recent_quality: deque = deque(maxlen=hold_ticks)      # true quality of the frames of the capture hold
+    closest, best_clip = math.inf, 0.0
     lost_since: float | None = None                       # searching with no instruction since then
     for tick in range(n_ticks + 1):
         now = tick * dt
@@ -290,11 +314,15 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
         if not state.available:
             n_unavailable += 1
         recent_quality.append(float(labels["quality"][target]))
+        closest = min(closest, float(pose_distance(labels["pose_offset"][target])))
+        if len(recent_quality) == hold_ticks:
+            best_clip = max(best_clip, float(np.mean(recent_quality)))
         if state.captures:
             quality = float(np.mean(recent_quality))
             ok = quality >= QUALITY_DIAGNOSTIC
             return EpisodeResult(policy, start.target, start.kind, start.patient_seed, ok, True, not ok, now,
-                                 path, n_unavailable / (tick + 1), quality, trajectory, visited)
+                                 path, n_unavailable / (tick + 1), quality, trajectory, visited, closest, best_clip,
+                                 episode_outcome(ok, True, closest, best_clip, engine.config.capture_level))
         size = 1
         if policy == "guided":
             action = ACTIONS.index(state.action) if (state.available and state.action) else None
@@ -319,7 +347,8 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
         probe.set_pose(pose + delta)
         path += float(np.linalg.norm((np.asarray(probe.pose) - pose) / POSE_SCALE))
     return EpisodeResult(policy, start.target, start.kind, start.patient_seed, False, False, False,
-                         novice.give_up_s, path, n_unavailable / (n_ticks + 1), None, trajectory, visited)
+                         novice.give_up_s, path, n_unavailable / (n_ticks + 1), None, trajectory, visited, closest,
+                         best_clip, episode_outcome(False, False, closest, best_clip, engine.config.capture_level))
 
 
 def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
@@ -328,6 +357,7 @@ def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
         if not rs:
             return {}
         wins = [r.time_s for r in rs if r.success]
+        missed = [r.best_clip_quality for r in rs if not r.captured]
         return {
             "episodes": len(rs),
             "success_rate": sum(r.success for r in rs) / len(rs),
@@ -336,6 +366,8 @@ def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
             "path_length_median": float(np.median([r.path_length for r in rs])),
             "false_capture_rate": sum(r.false_capture for r in rs) / len(rs),
             "unavailable_fraction": float(np.mean([r.unavailable_fraction for r in rs])),
+            "outcomes": {k: sum(r.outcome == k for r in rs) for k in OUTCOMES},
+            "best_clip_quality_median_uncaptured": float(np.median(missed)) if missed else None,
         }
 
     out: dict[str, Any] = {"give_up_s": give_up_s, "policies": {}}
@@ -589,6 +621,22 @@ def write_report(out_dir: Path, summary: dict[str, Any], results: list[EpisodeRe
     for kind, block in summary["policies"].get("guided", {}).get("by_start", {}).items():
         lines.append(f"- {kind}: success {block['success_rate']:.0%}, "
                      f"median time {_seconds(block['time_to_success_median_s'])} s")
+    lines += ["", "## Why episodes did not succeed", "",
+              "From the simulator's truth along each path (`closed_loop.episode_outcome`): *not captured*: "
+              "a capture hold's frames reached the capture level in truth and the engine did not capture "
+              f"(quality estimate, capture rules); otherwise *never near*: never within {VIEW_RADIUS:g} units "
+              f"of the target (coarse guidance); *never at target*: never within {HOLD_RADIUS:g} (fine "
+              "guidance); *below capture level*: at the target, but no clip reached the capture level in "
+              "truth (the patient's window, the last fine adjustment, tremor). Last column: the best clip's "
+              f"true quality in episodes without a capture (diagnostic from {QUALITY_DIAGNOSTIC:g}).", "",
+              "| episodes | " + " | ".join(k.replace("_", " ") for k in OUTCOMES[1:]) + " | best clip, no capture |",
+              "|---" * (len(OUTCOMES) + 1) + "|"]
+    rows = [(p, summary["policies"][p]["overall"]) for p in summary["policies"]]
+    rows += [(f"guided {v}", b) for v, b in summary["policies"].get("guided", {}).get("by_view", {}).items()]
+    for name, block in rows:
+        best = block["best_clip_quality_median_uncaptured"]
+        lines.append(f"| {name} | " + " | ".join(str(block["outcomes"][k]) for k in OUTCOMES[1:])
+                     + f" | {'-' if best is None else f'{best:.2f}'} |")
     lines += ["", "## Novice error-rate sweep (guided)", "", "| wrong-way probability | success | median time (s) |", "|---|---|---|"]
     for row in summary["sweep_wrong_way"]:
         lines.append(f"| {row['wrong_way_p']:.2f} | {row['success_rate']:.0%} | {_seconds(row['time_to_success_median_s'])} |")

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.labels import ACTIONS, HOLD, POSE_SCALE, move_size
-from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, headline_table, make_starts,
-                                  run_episode, summarize, wilson_interval, write_report)
+from devices.labels import ACTIONS, HOLD, HOLD_RADIUS, POSE_SCALE, VIEW_RADIUS, move_size
+from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, episode_outcome, headline_table,
+                                  make_starts, run_episode, summarize, wilson_interval, write_report)
 from helpers_engine import make_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,12 +69,25 @@ def test_oracle_reaches_the_target_from_near_starts(view):
         r = run_episode(start, "oracle", TruthPredictor(), FAST)
         assert r.success and r.captured and not r.false_capture, (view, start.patient_seed, r)
         assert r.capture_quality >= 0.6 and r.time_s < FAST.give_up_s
+        # the clip it saved is one of the clips on its path, so the best clip is at least as good
+        assert r.outcome == "success" and r.closest < VIEW_RADIUS and r.best_clip_quality >= r.capture_quality
 
 
 def test_a_model_that_always_says_hold_never_succeeds_from_far_starts():
     for start in [s for s in make_starts(["A4C", "PSAX"], 2, seed=1) if s.kind == "far"]:
         r = run_episode(start, "guided", AlwaysHold(), replace(FAST, give_up_s=10.0))
         assert not r.success and not r.captured and r.time_s == 10.0
+        assert r.outcome == "never_near" and r.closest > VIEW_RADIUS and r.best_clip_quality < 0.6
+
+
+def test_episode_outcome_says_where_a_failure_came_from():
+    level = 0.85
+    assert episode_outcome(True, True, 0.2, 0.9, level) == "success"
+    assert episode_outcome(False, True, 0.2, 0.9, level) == "false_capture"
+    assert episode_outcome(False, False, VIEW_RADIUS + 0.1, 0.84, level) == "never_near"
+    assert episode_outcome(False, False, VIEW_RADIUS, 0.84, level) == "never_at_target"
+    assert episode_outcome(False, False, HOLD_RADIUS, 0.84, level) == "below_capture_level"
+    assert episode_outcome(False, False, 0.1, 0.85, level) == "not_captured"
 
 
 class Lost:
@@ -147,16 +160,18 @@ def test_novice_step_follows_the_move_size_caption_only_when_asked():
         NoviceParams(size_steps=(1.0, 1.0)).validate()
 
 
-def _result(policy, target, kind, success, captured, t, path=1.0, unavailable=0.0):
+def _result(policy, target, kind, success, captured, t, path=1.0, unavailable=0.0, closest=0.5, best_clip=0.7):
     return EpisodeResult(policy, target, kind, 30000, success, captured, captured and not success, t, path,
-                         unavailable, 0.7 if success else (0.4 if captured else None))
+                         unavailable, 0.7 if success else (0.4 if captured else None), closest=closest,
+                         best_clip_quality=best_clip,
+                         outcome=episode_outcome(success, captured, closest, best_clip, capture_level=0.85))
 
 
 SCRIPTED = [
     _result("guided", "A4C", "near", True, True, 4.0, 2.0, 0.1),
     _result("guided", "A4C", "far", True, True, 10.0, 6.0, 0.0),
     _result("guided", "PLAX", "near", False, True, 3.0, 1.0, 0.2),   # false capture
-    _result("guided", "PLAX", "far", False, False, 60.0, 9.0, 0.3),  # gave up
+    _result("guided", "PLAX", "far", False, False, 60.0, 9.0, 0.3, closest=3.0),  # gave up far away
     _result("oracle", "A4C", "near", True, True, 2.0),
     _result("oracle", "PLAX", "far", True, True, 6.0),
 ]
@@ -172,6 +187,9 @@ def test_summary_metrics_on_scripted_episodes():
     assert s["policies"]["guided"]["by_view"]["PLAX"]["success_rate"] == 0.0
     assert s["policies"]["guided"]["by_start"]["far"]["success_rate"] == 0.5
     assert s["policies"]["oracle"]["overall"]["success_rate"] == 1.0
+    assert g["outcomes"] == {"success": 2, "false_capture": 1, "never_near": 1, "never_at_target": 0,
+                             "below_capture_level": 0, "not_captured": 0}
+    assert g["best_clip_quality_median_uncaptured"] == 0.7      # the one episode that gave up
     table = headline_table(s)
     assert "| guided | 50% (15%-85%) | 7.0 |" in table and "25.0%" in table
     assert wilson_interval(0.5, 50) == pytest.approx((0.366, 0.634), abs=0.001)
@@ -187,6 +205,8 @@ def test_report_renders(tmp_path):
     report = write_report(tmp_path / "eval", s, SCRIPTED)
     text = report.read_text()
     assert "| guided | 50% (15%-85%) |" in text and "| 0.20 | 50% |" in text
+    assert "| guided | 1 | 1 | 0 | 0 | 0 | 0.70 |" in text and "| guided PLAX | 1 | 1 | 0 | 0 | 0 | 0.70 |" in text
+    assert "| oracle | 0 | 0 | 0 | 0 | 0 | - |" in text
     for png in ("success_vs_time.png", "success_by_view.png", "trajectories.png"):
         data = (tmp_path / "eval" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
