@@ -318,11 +318,7 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
         if len(recent_quality) == hold_ticks:
             best_clip = max(best_clip, float(np.mean(recent_quality)))
         if state.captures:
-            quality = float(np.mean(recent_quality))
-            ok = quality >= QUALITY_DIAGNOSTIC
-            return EpisodeResult(policy, start.target, start.kind, start.patient_seed, ok, True, not ok, now,
-                                 path, n_unavailable / (tick + 1), quality, trajectory, visited, closest, best_clip,
-                                 episode_outcome(ok, True, closest, best_clip, engine.config.capture_level))
+            break
         size = 1
         if policy == "guided":
             action = ACTIONS.index(state.action) if (state.available and state.action) else None
@@ -346,9 +342,13 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
             delta = hand.step(now, dt, action, size)
         probe.set_pose(pose + delta)
         path += float(np.linalg.norm((np.asarray(probe.pose) - pose) / POSE_SCALE))
-    return EpisodeResult(policy, start.target, start.kind, start.patient_seed, False, False, False,
-                         novice.give_up_s, path, n_unavailable / (n_ticks + 1), None, trajectory, visited, closest,
-                         best_clip, episode_outcome(False, False, closest, best_clip, engine.config.capture_level))
+    captured = bool(state.captures)
+    quality = float(np.mean(recent_quality)) if captured else None   # what the saved clip shows
+    ok = captured and quality >= QUALITY_DIAGNOSTIC
+    return EpisodeResult(policy, start.target, start.kind, start.patient_seed, ok, captured, captured and not ok,
+                         now if captured else novice.give_up_s, path, n_unavailable / (tick + 1), quality,
+                         trajectory, visited, closest, best_clip,
+                         episode_outcome(ok, captured, closest, best_clip, engine.config.capture_level))
 
 
 def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
