@@ -172,3 +172,33 @@ def test_a_rib_shadow_costs_less_at_the_sector_edge_than_on_the_centre_line():
     centre[n_lines // 2 - 1:n_lines // 2 + 2, 0] = r.RIB_ID  # three lines in the middle
     assert r._visible_fraction(clear) == pytest.approx(1.0)
     assert 1.0 > r._visible_fraction(edge) > 1.0 - 3 / n_lines > r._visible_fraction(centre) > 0.0
+
+
+def _cycle_quality(pr, pose, view):
+    return float(np.mean([pr.labels(pose, t)["quality"][VIEWS.index(view)] for t in np.linspace(0.0, 1.0, 8)]))
+
+
+def test_a_shadowed_target_moves_to_the_best_window_nearby_and_a_clear_one_stays():
+    from devices.sim.probe import TARGET_SEARCH_RADIUS
+    pr = probe(1)  # its anatomical PSAX pose loses much of the LV behind a rib
+    anatomical = pr.anatomy.targets["PSAX"]
+    target = pr.target_pose("PSAX")
+    moved = np.linalg.norm((target - anatomical) / POSE_SCALE)
+    assert 0.0 < moved <= TARGET_SEARCH_RADIUS + 1e-9
+    before, after = _cycle_quality(pr, anatomical, "PSAX"), _cycle_quality(pr, target, "PSAX")
+    assert before < 0.85 and after >= before + 0.05, (before, after)
+    lab = pr.labels(target)
+    assert lab["action"][VIEWS.index("PSAX")] == HOLD
+    np.testing.assert_allclose(lab["pose_offset"][VIEWS.index("PSAX")], 0.0, atol=1e-4)
+    for view in VIEWS:  # patient 0 has clear windows: every target is the anatomical pose
+        np.testing.assert_array_equal(probe(0).target_pose(view), probe(0).anatomy.targets[view])
+
+
+def test_targets_do_not_move_with_scanner_settings():
+    from devices.sim.probe import SimulatedProbe
+    from devices.sim.render import ScanSettings
+    default = SimulatedProbe(patient_seed=1, realtime=False)
+    other = SimulatedProbe(patient_seed=1, realtime=False,
+                           settings=ScanSettings(depth_mm=120.0, sector_deg=90.0, gain_db=5.0))
+    for view in VIEWS:
+        np.testing.assert_array_equal(default.target_pose(view), other.target_pose(view))

@@ -1,7 +1,9 @@
 """`SimulatedProbe`: a probe on a simulated patient, honouring the `Source` contract, with ground truth.
 
 Labels (what the model learns, one definition for training and evaluation):
-    pose_offset  float32 [5 views, 5 axes]  target - current (mm, deg; rotation wrapped to [-180, 180))
+    pose_offset  float32 [5 views, 5 axes]  target - current (mm, deg; rotation wrapped to [-180, 180)); the
+                 target is the view's anatomical pose, or the best window near it when rib shadow costs
+                 that pose too much image quality (SimulatedProbe._best_window_targets)
     action       int64 [5]   devices.labels.best_action(pose_offset, quality): HOLD within HOLD_RADIUS
                              if the quality is good (QUALITY_GOOD), always within HOLD_RADIUS_MIN
     quality      float32 [5] exp(-0.5 * plane_distance^2) * acoustic, where plane_distance compares the
@@ -50,6 +52,14 @@ PLANE_ANGLE_DEG = 10.0
 PLANE_OFFSET_MM = 10.0
 # or seeing it this far off the sector's centre line.
 CENTRE_ANGLE_DEG = 10.0
+# A view's target is the best window near its anatomical pose (best_window_targets): searched when the
+# anatomical pose's image quality over the cardiac cycle is under this (rib shadow: about a quarter of
+# the patients' PSAX, a few per cent of the other views),
+TARGET_SEARCH_BELOW = 0.9
+# in coordinate steps of these sizes (normalized pose units, coarse to fine),
+TARGET_SEARCH_STEPS = (0.5, 0.25)
+# no farther than this from the anatomical pose (inside the near zone: the same view, one small move).
+TARGET_SEARCH_RADIUS = 1.0
 
 
 class SimSpecError(SourceError, ValueError):
@@ -98,13 +108,16 @@ class SimulatedProbe(Source):
         self.anatomy = Anatomy(self.patient)
         if settings is not None and not isinstance(settings, ScanSettings):
             raise ValueError(f"settings must be a ScanSettings, got {type(settings).__name__}")
-        self._targets = np.stack([self.anatomy.targets[v] for v in VIEWS])      # [V, 5]
+        anatomical = np.stack([self.anatomy.targets[v] for v in VIEWS])         # [V, 5]
         self._aims = np.stack([self.anatomy.aims[v] for v in VIEWS])            # [V, 3] mm
-        self._target_axes = np.stack([probe_axes(t, self.patient.chest_radius_mm)[1] for t in self._targets])
+        self._target_axes = np.stack([probe_axes(t, self.patient.chest_radius_mm)[1] for t in anatomical])
         offset_rng = np.random.default_rng([self.patient.seed, 77])
         self._speckle_offset = offset_rng.uniform(0.0, 64.0, 3)
         self._settings = settings or ScanSettings()
         self._renderer = Renderer(self.anatomy, self._settings, self._speckle_offset)
+        default_renderer = (self._renderer if self._settings == ScanSettings()
+                            else Renderer(self.anatomy, ScanSettings(), self._speckle_offset))
+        self._targets = self._best_window_targets(anatomical, default_renderer)  # [V, 5]
         self._settings_factor = settings_factor(self._settings)
         if start_pose is None:
             start_pose = self.target_pose(start_view)
@@ -211,14 +224,48 @@ class SimulatedProbe(Source):
         return clip_pose(rng.uniform(lo, hi))
 
     # ------------------------------------------------------------------------------ truth
+    def _best_window_targets(self, anatomical: np.ndarray, renderer: Renderer) -> np.ndarray:
+        """Target poses [V, 5]: each view's anatomical pose, or where its rib shadow is too costly the
+        pose of the best image within TARGET_SEARCH_RADIUS (what a sonographer does: slide or tilt to
+        the best window for this patient). The quality labels still measure the cut against the
+        anatomical plane; only where the guidance leads changes. Scored at default scanner settings
+        (the target does not move with gain or depth), mean over end-diastole and end-systole."""
+        beat_s = 60.0 / self.patient.heart_rate_bpm
+        times = [((phase - self.patient.phase0) % 1.0) * beat_s for phase in (0.0, 0.4)]
+        targets = anatomical.copy()
+        for v in range(len(VIEWS)):
+            def score(u: np.ndarray) -> float:
+                pose = clip_pose(anatomical[v] + u * POSE_SCALE)
+                plane = math.exp(-0.5 * float(self._plane_distance(pose)[v]) ** 2)
+                return plane * float(np.mean([renderer.visible_heart_fraction(pose, t) for t in times]))
+
+            best_u, best = np.zeros(len(POSE_SCALE)), score(np.zeros(len(POSE_SCALE)))
+            if best >= TARGET_SEARCH_BELOW:
+                continue
+            for step in TARGET_SEARCH_STEPS:
+                improved = True
+                while improved:
+                    improved = False
+                    for axis in range(len(POSE_SCALE)):
+                        for sign in (1.0, -1.0):
+                            u = best_u.copy()
+                            u[axis] += sign * step
+                            if np.linalg.norm(u) > TARGET_SEARCH_RADIUS:
+                                continue
+                            q = score(u)
+                            if q > best + 1e-6:
+                                best_u, best, improved = u, q, True
+            targets[v] = clip_pose(anatomical[v] + best_u * POSE_SCALE)
+        return targets
+
     def plane_distance(self, pose: np.ndarray | None = None) -> np.ndarray:
         """How far the image at `pose` is from each target view's image [V], in units of one adjustment.
 
         Measured on the cut through the heart, not on the skin: the rotation between the probe's and
-        the target's axes (PLANE_ANGLE_DEG), the target's aimed heart point out of the imaging plane
+        the anatomical target's axes (PLANE_ANGLE_DEG), its aimed heart point out of the imaging plane
         (PLANE_OFFSET_MM) and off the sector's centre line (CENTRE_ANGLE_DEG). A slide that a tilt
         compensates leaves the same cut and the same image, and the same quality; the pose offset
-        (what the hand must do to reach the canonical target) still counts both.
+        (what the hand must do to reach the target) still counts both.
         """
         return self._plane_distance(self._pose if pose is None else clip_pose(pose))
 
