@@ -59,6 +59,8 @@ TARGET_SEARCH_BELOW = 0.9
 # in coordinate steps of these sizes (normalized pose units, coarse to fine),
 TARGET_SEARCH_STEPS = (0.5, 0.25)
 # no farther than this from the anatomical pose (inside the near zone: the same view, one small move).
+# Cost: building a patient takes ~20 ms instead of ~8 (~80 ms when a view moves); rendering a training
+# patient's 32 frames ~0.18 s instead of ~0.15 (2-core CPU).
 TARGET_SEARCH_RADIUS = 1.0
 
 
