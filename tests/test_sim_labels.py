@@ -187,6 +187,8 @@ def test_a_shadowed_target_moves_to_the_best_window_nearby_and_a_clear_one_stays
     assert 0.0 < moved <= TARGET_SEARCH_RADIUS + 1e-9
     before, after = _cycle_quality(pr, anatomical, "PSAX"), _cycle_quality(pr, target, "PSAX")
     assert before < 0.85 and after >= before + 0.05, (before, after)
+    at_anatomical = pr.labels(anatomical)  # quality still measures the cut against the anatomical plane
+    assert at_anatomical["quality"][VIEWS.index("PSAX")] == pytest.approx(at_anatomical["acoustic"], abs=1e-5)
     lab = pr.labels(target)
     assert lab["action"][VIEWS.index("PSAX")] == HOLD
     np.testing.assert_allclose(lab["pose_offset"][VIEWS.index("PSAX")], 0.0, atol=1e-4)
