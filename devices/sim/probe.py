@@ -52,15 +52,15 @@ PLANE_ANGLE_DEG = 10.0
 PLANE_OFFSET_MM = 10.0
 # or seeing it this far off the sector's centre line.
 CENTRE_ANGLE_DEG = 10.0
-# A view's target is the best window near its anatomical pose (best_window_targets): searched when the
-# anatomical pose's image quality over the cardiac cycle is under this (rib shadow: about a quarter of
-# the patients' PSAX, a few per cent of the other views),
+# A view's target is the best window near its anatomical pose (SimulatedProbe._best_window_targets):
+# searched when the anatomical pose's image quality over the cardiac cycle is under this (rib shadow:
+# about 40 % of the patients' PSAX, a few per cent of the other views),
 TARGET_SEARCH_BELOW = 0.9
 # in coordinate steps of these sizes (normalized pose units, coarse to fine),
 TARGET_SEARCH_STEPS = (0.5, 0.25)
 # no farther than this from the anatomical pose (inside the near zone: the same view, one small move).
-# Cost: building a patient takes ~20 ms instead of ~8 (~80 ms when a view moves); rendering a training
-# patient's 32 frames ~0.18 s instead of ~0.15 (2-core CPU).
+# Cost (2-core CPU): building a patient takes ~20 ms instead of ~8 when no view moves, ~80 ms when one
+# does (mean ~55 ms); rendering a training patient's 32 frames ~0.18 s instead of ~0.15.
 TARGET_SEARCH_RADIUS = 1.0
 
 
@@ -231,7 +231,8 @@ class SimulatedProbe(Source):
         pose of the best image within TARGET_SEARCH_RADIUS (what a sonographer does: slide or tilt to
         the best window for this patient). The quality labels still measure the cut against the
         anatomical plane; only where the guidance leads changes. Scored at default scanner settings
-        (the target does not move with gain or depth), mean over end-diastole and end-systole."""
+        (the target does not move with gain or depth), mean over end-diastole and phase 0.4 (just
+        after end-systole, which falls at 0.32-0.38)."""
         beat_s = 60.0 / self.patient.heart_rate_bpm
         times = [((phase - self.patient.phase0) % 1.0) * beat_s for phase in (0.0, 0.4)]
         targets = anatomical.copy()
