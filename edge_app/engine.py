@@ -240,7 +240,7 @@ class EngineConfig:
         capture_hold_s: smoothed target quality must stay >= threshold + capture_margin this long
             (1-2 beats).
         capture_margin: auto-capture (and HOLD on quality alone) needs the smoothed quality this far
-            above the diagnostic threshold. The shipped model's quality error on held-out frames
+            above the diagnostic threshold. An earlier model's quality error on held-out frames
             within 1.2 units of a target is 0.09 (sd; 0.04 within 0.3 units, 0.11 beyond 0.6), and
             the closed loop steers the probe to where the model rates the image highest, so its
             errors are selected. Safety first: 0.265, chosen with the model trained on the

@@ -65,7 +65,7 @@ def test_truth_predictor_answers_with_the_labels_of_the_frame_it_is_given():
 
 @pytest.mark.parametrize("view", ["A4C", "PLAX", "SC4C"])
 def test_oracle_reaches_the_target_from_near_starts(view):
-    novice = NoviceParams()     # the evaluation's 60 s: where the truth sits just above the capture level, tremor restarts holds
+    novice = NoviceParams()  # the evaluation's 60 s: truth just above the capture level, tremor restarts holds
     for start in [s for s in make_starts([view], 4, seed=0) if s.kind == "near"]:
         r = run_episode(start, "oracle", TruthPredictor(), novice)
         assert r.success and r.captured and not r.false_capture, (view, start.patient_seed, r)
