@@ -202,10 +202,12 @@ def test_report_renders(tmp_path):
     s["sweep_wrong_way"] = [{"wrong_way_p": 0.2, **s["policies"]["guided"]["overall"]}]
     s["config"] = {"episodes": 2, "precision": "int8"}
     s["wall_s"] = 1.0
+    s["environment"] = {"numpy": "1.0", "onnxruntime": "9.9"}
     SCRIPTED[0].trajectory = [[0.0, 10.0, 5.0], [1.0, 12.0, 6.0]]
     report = write_report(tmp_path / "eval", s, SCRIPTED)
     text = report.read_text()
     assert "| guided | 50% (15%-85%) |" in text and "| 0.20 | 50% |" in text
+    assert "Environment: numpy 1.0, onnxruntime 9.9 (" in text
     assert "| guided | 1 | 1 | 0 | 0 | 0 | 0.70 |" in text and "| guided PLAX | 1 | 1 | 0 | 0 | 0 | 0.70 |" in text
     assert "| oracle | 0 | 0 | 0 | 0 | 0 | - |" in text
     for png in ("success_vs_time.png", "success_by_view.png", "trajectories.png"):
@@ -224,6 +226,7 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(summary["policies"]) == {"guided", "oracle", "unguided"}
+    assert summary["environment"]["onnxruntime"] and summary["environment"]["numpy"] == np.__version__
     assert (tmp_path / "r" / "report.md").is_file()
     r = subprocess.run(cmd + ["--views", "XYZ"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "unknown view 'XYZ'" in r.stderr and "Traceback" not in r.stderr
