@@ -626,7 +626,7 @@ def write_report(out_dir: Path, summary: dict[str, Any], results: list[EpisodeRe
              f"Held-out simulated patients, {summary['config']['episodes']} episodes per view and policy "
              f"(half near, half far starts), time limit {give_up:.0f} s of simulated time, "
              f"bundle precision {summary['config']['precision']}. Wall time {summary['wall_s']} s.", "",
-             "Environment: " + ", ".join(f"{k} {v}" for k, v in summary.get("environment", {}).items())
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in summary["environment"].items())
              + " (the figures move with these versions: compare runs of one environment).", "",
              headline_table(summary), "", "## Per view (success rate)", "",
              "| view | " + " | ".join(summary["policies"]) + " |", "|---" * (len(summary["policies"]) + 1) + "|"]
