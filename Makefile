@@ -9,11 +9,12 @@ UI_DEBS := xvfb xauth libgl1 libgl1-mesa-dri libmtdev1
 
 .PHONY: install run test test-fast ui-deps bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions tested (closed-loop figures drift with other versions).
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[train,export,dev]"
+	$(BIN)/pip install -q -c constraints.txt $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,export,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
