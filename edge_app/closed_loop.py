@@ -348,7 +348,7 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
     return EpisodeResult(policy, start.target, start.kind, start.patient_seed, ok, captured, captured and not ok,
                          now if captured else novice.give_up_s, path, n_unavailable / (tick + 1), quality,
                          trajectory, visited, closest, best_clip,
-                         episode_outcome(ok, captured, closest, best_clip, engine.config.capture_level))
+                         episode_outcome(ok, captured, closest, best_clip, engine.config.capture_level(start.target)))
 
 
 def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
@@ -476,9 +476,9 @@ def evaluate(cfg: EvalConfig, novice: NoviceParams, progress: bool = True) -> tu
 
 
 def environment() -> dict[str, str]:
-    """Versions of what computes the figures. The dependencies are not pinned, and two installs of
-    the same code gave the same model 72 and 76 % on the same 50 episodes: compare figures only
-    between runs of one environment."""
+    """Versions of what computes the figures. Two installs of the same code (before `make install`
+    pinned the versions in constraints.txt) gave the same model 72 and 76 % on the same 50
+    episodes: compare figures only between runs of one environment."""
     import platform
 
     import cv2
@@ -681,7 +681,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
                         help="novice's step factor for the screen's small / medium / large move caption "
                              "(default 1 1 1: ignores it; 0.5 1 1.6: follows it)")
     parser.add_argument("--capture-margin", type=float, default=None,
-                        help="engine's auto-capture margin over the diagnostic threshold (default: the engine's)")
+                        help="engine's auto-capture margin over the diagnostic threshold, one for every view "
+                             "(default: the engine's, per view)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--out", default=None, help="folder for the Markdown report, plots and JSON")
 

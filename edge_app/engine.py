@@ -196,6 +196,9 @@ class BundlePredictor:
 
 # Predicted pose offsets (normalized units) under which a fine correction has no direction to give.
 FINE_MIN_OFFSET = 0.1
+# Auto-capture margin over the diagnostic threshold per target view (EngineConfig.capture_margin),
+# chosen for the shipped model by the closed loop.
+CAPTURE_MARGINS = {"PLAX": 0.265, "PSAX": 0.24, "A4C": 0.265, "A2C": 0.265, "SC4C": 0.265}
 
 
 @dataclass
@@ -248,6 +251,11 @@ class EngineConfig:
             captures 338 / 10 at 0.25, 331 / 3 at 0.265, 300 / 1 at 0.28; the model before it gave
             331 / 6 at 0.25 and 298 / 5 at 0.28). Earlier models: 0.25 (false captures 7 % at 0.2,
             2 % at 0.25; 4 % at 0.2, 1 % at 0.25). docs/eval and the README have the figures.
+            One number applies to every view; a mapping gives each view its own (all views named).
+            Shipped per view (CAPTURE_MARGINS): 0.265, and 0.24 for PSAX, which the model rates
+            low near its target; PSAX successes / false captures of 100 episodes, seeds 1-5:
+            0.225 52 / 5, 0.24 48 / 2, 0.245 39 / 5, 0.25 29 / 2, 0.265 19 / 0; seeds 6-10, run
+            after choosing: 0.24 33 / 2, 0.265 14 / 0. PLAX moves little (0.225 77 / 0, 0.265 75 / 0).
         reversal_block_s: an axis whose instruction reversed `reversals` times within
             `reversal_window_s` (CW, CCW, CW) is set aside this long and the best instruction on
             another axis is shown (edge_app.smoothing.ActionSelector); 0 turns it off. The model
@@ -307,7 +315,7 @@ class EngineConfig:
     min_action_confidence: float = 0.35
     latency_budget_ms: float = 100.0
     capture_hold_s: float = 1.5
-    capture_margin: float = 0.265
+    capture_margin: float | Mapping[str, float] = field(default_factory=lambda: dict(CAPTURE_MARGINS))
     hold_stuck_s: float = 2.0
     clip_s: float = 3.0
     captured_show_s: float = 2.0
@@ -320,10 +328,10 @@ class EngineConfig:
     reversals: int = 2
     capture_check_slack: float | None = 0.03
 
-    @property
-    def capture_level(self) -> float:
-        """Smoothed quality that auto-capture (and HOLD on quality alone) waits for."""
-        return self.quality_threshold + self.capture_margin
+    def capture_level(self, view: str) -> float:
+        """Smoothed quality that auto-capture (and HOLD on quality alone) waits for, for this target."""
+        margin = self.capture_margin
+        return self.quality_threshold + (margin[view] if isinstance(margin, Mapping) else margin)
 
     def resolved(self, manifest: Mapping[str, Any] | None = None) -> "EngineConfig":
         """A validated copy with None thresholds filled from `manifest['thresholds']` or defaults.
@@ -338,13 +346,21 @@ class EngineConfig:
         if out.min_confidence is None:
             out.min_confidence = float(th.get("confidence_min", DEFAULT_MIN_CONFIDENCE))
         for name in ("smoothing_s", "min_dwell_s", "stale_timeout_s", "frozen_diff", "frozen_s",
-                     "search_distance", "capture_hold_s", "capture_margin", "hold_stuck_s", "clip_s",
+                     "search_distance", "capture_hold_s", "hold_stuck_s", "clip_s",
                      "captured_show_s", "rearm_margin", "reversal_block_s"):
             if not getattr(out, name) >= 0:
                 raise ValueError(f"engine setting {name} must be >= 0, got {getattr(out, name)}")
         for name in ("latency_budget_ms", "reversal_window_s", "reversals"):
             if not getattr(out, name) > 0:
                 raise ValueError(f"engine setting {name} must be > 0, got {getattr(out, name)}")
+        if isinstance(out.capture_margin, Mapping):
+            out.capture_margin = dict(out.capture_margin)
+            if set(out.capture_margin) != set(VIEWS):
+                raise ValueError(f"engine setting capture_margin per view needs exactly the views "
+                                 f"{', '.join(VIEWS)}, got {', '.join(map(str, out.capture_margin))}")
+        margins = out.capture_margin.values() if isinstance(out.capture_margin, dict) else [out.capture_margin]
+        if not all(m >= 0 for m in margins):
+            raise ValueError(f"engine setting capture_margin must be >= 0, got {out.capture_margin}")
         if out.capture_check_slack is not None and not 0.0 <= out.capture_check_slack <= 1.0:
             raise ValueError(f"engine setting capture_check_slack must be in [0, 1] or None, got "
                              f"{out.capture_check_slack}")
@@ -808,13 +824,14 @@ class GuidanceEngine:
             return fields
 
         a = self._selector.update(action_probs, now)
-        if quality < cfg.capture_level and a != HOLD:
+        level = cfg.capture_level(self._target)
+        if quality < level and a != HOLD:
             self._forget_stuck_hold()
             name = "GUIDING"
         else:
             if self._holding_since is None:         # runs on through rises to the capture level
                 self._holding_since = now
-            name, a = ("HOLD", HOLD) if quality >= cfg.capture_level else self._hold_or_fine_correction(pose, now)
+            name, a = ("HOLD", HOLD) if quality >= level else self._hold_or_fine_correction(pose, now)
         action, text = ACTIONS[a], ACTION_TEXT[ACTIONS[a]]
         if name == "GUIDING" and quality >= cfg.quality_threshold:
             text = NEARLY_THERE + text[0].lower() + text[1:]     # diagnostic already: say why it goes on
@@ -847,7 +864,7 @@ class GuidanceEngine:
         if not self._armed and (state == "NO_SIGNAL" or quality < threshold - cfg.rearm_margin):
             self._armed = True      # the probe left the view (or the patient): the next good view counts again
         good = (self._armed and fields["available"] and state in ("HOLD", "GUIDING")
-                and quality >= cfg.capture_level)
+                and quality >= cfg.capture_level(self._target))
         if not good:
             self._good_since, self._unclear = None, False
             return fields
@@ -876,7 +893,7 @@ class GuidanceEngine:
         picks = [hold[i] for i in np.linspace(0, len(hold) - 1, 3).round().astype(int)] if hold else []
         score = np.mean([min(float(self.predictor.predict(p).quality[t]) for p in safety.perturbations(img))
                          for img in picks]) if picks else 0.0
-        return score >= cfg.capture_level - cfg.capture_check_slack
+        return score >= cfg.capture_level(self._target) - cfg.capture_check_slack
 
     # -- captures -----------------------------------------------------------------------------
     def _capture(self, now: float, auto: bool) -> Capture:
@@ -985,7 +1002,7 @@ class GuidanceEngine:
 
     def _common_fields(self) -> dict[str, Any]:
         return dict(target=self._target, quality_threshold=self.config.quality_threshold,
-                    capture_level=min(1.0, self.config.capture_level),
+                    capture_level=min(1.0, self.config.capture_level(self._target)),
                     captures=self._captures,
                     protocol=self._protocol, protocol_step=self._step_i, recording=self._recorder is not None,
                     source_name=self.source_name, model_name=self.predictor.name,

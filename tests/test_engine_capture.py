@@ -12,7 +12,7 @@ from helpers_engine import FakeClock, FakeRecorder, ScriptedPredictor, make_outp
 FPS = 30.0
 GOOD = make_output("A4C", 0.95, quality=0.9, action="HOLD")
 POOR = make_output("A4C", 0.9, quality=0.3, action="SLIDE_LEFT")
-CAPTURE_LEVEL = 0.6 + EngineConfig().capture_margin   # diagnostic threshold plus the safety margin
+CAPTURE_LEVEL = EngineConfig(quality_threshold=0.6).capture_level("A4C")   # diagnostic threshold plus the safety margin
 
 
 def make_engine(recorder=None, **config):
@@ -209,3 +209,24 @@ def test_no_capture_between_the_threshold_and_the_capture_margin():
     pred.output = make_output("A4C", 0.95, quality=0.72, action="HOLD")
     states = feed(engine, 1.0, 3.0, 90)
     assert states[-1].captures and states[-1].captures[0].quality == pytest.approx(0.72)
+
+
+def test_capture_margin_per_view_sets_each_targets_capture_level():
+    """A per-view margin: the same quality captures for the view with the lower margin only."""
+    margins = {"PLAX": 0.25, "PSAX": 0.1, "A4C": 0.3, "A2C": 0.25, "SC4C": 0.25}
+    captured = {}
+    for view in ("PSAX", "A4C"):
+        engine, pred = make_engine(capture_hold_s=0.5, smoothing_s=0.0, capture_margin=margins)
+        engine.set_target(view)
+        pred.output = make_output(view, 0.95, quality=0.8, action="HOLD")
+        states = feed(engine, 2.0, 0.0)
+        assert states[-1].capture_level == pytest.approx(0.6 + margins[view])
+        captured[view] = bool(states[-1].captures)
+    assert captured == {"PSAX": True, "A4C": False}
+
+
+def test_capture_margin_per_view_must_name_every_view():
+    with pytest.raises(ValueError, match="exactly the views"):
+        make_engine(capture_margin={"A4C": 0.2})
+    with pytest.raises(ValueError, match="capture_margin must be >= 0"):
+        make_engine(capture_margin={"PLAX": 0.25, "PSAX": -0.1, "A4C": 0.3, "A2C": 0.25, "SC4C": 0.25})

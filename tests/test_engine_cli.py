@@ -43,7 +43,7 @@ def test_headless_json_two_seconds(tmp_path):
     last = per_frame[-1]
     assert last["state"] == "GUIDING" and last["action"] == "ROTATE_CW" and last["target"] == "PSAX"
     assert set(last) >= {"t", "available", "reasons", "view", "quality", "instruction", "fps", "latency_ms"}
-    assert last["capture_level"] == pytest.approx(last["quality_threshold"] + EngineConfig().capture_margin)
+    assert last["capture_level"] == pytest.approx(EngineConfig(quality_threshold=last["quality_threshold"]).capture_level("PSAX"))
 
 
 def test_status_line_mode_and_no_display_message():

@@ -195,7 +195,7 @@ def test_quality_flickering_at_the_capture_level_still_gets_a_fine_correction():
         states += feed.run(0.5, output=high if i % 2 == 0 else low, predictor=pred)
     assert not states[-1].captures
     fine = [s for s in states if s.state == "GUIDING"]
-    assert fine and all(s.action == "SLIDE_HEAD" and s.quality < engine.config.capture_level for s in fine)
+    assert fine and all(s.action == "SLIDE_HEAD" and s.quality < engine.config.capture_level("A4C") for s in fine)
     assert 2.0 <= fine[0].t <= 3.0
     assert all(s.state == "HOLD" for s in states if s.t < fine[0].t)
 
@@ -255,7 +255,7 @@ def test_diagnostic_but_under_the_capture_level_says_nearly_there():
     """Between the diagnostic threshold and the capture level the app still guides, and says why."""
     engine, _ = make_engine(make_output(quality=0.7, action="SLIDE_LEFT"))
     s = Feeder(engine).run(1.0)[-1]
-    assert engine.config.quality_threshold <= s.quality < engine.config.capture_level
+    assert engine.config.quality_threshold <= s.quality < engine.config.capture_level(s.target)
     assert (s.state, s.action) == ("GUIDING", "SLIDE_LEFT")
     assert s.instruction == "Nearly there: " + ACTION_TEXT["SLIDE_LEFT"][0].lower() + ACTION_TEXT["SLIDE_LEFT"][1:]
 
