@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -402,7 +402,16 @@ def _worker_init(bundle_dir: str | None, precision: str | None) -> None:
     _WORKER["predictor"] = _make_predictor(bundle_dir, precision)
 
 
-Job = tuple  # (Start, policy, NoviceParams, fps, keep_trajectory, engine config, keep_poses)
+class Job(NamedTuple):
+    """One episode to run in a worker process (`run_episode`'s arguments, less the predictor)."""
+
+    start: Start
+    policy: str
+    novice: NoviceParams
+    fps: float
+    keep_trajectory: bool
+    engine_config: Any
+    keep_poses: bool
 
 
 def _worker_run(job: Job) -> EpisodeResult:
@@ -456,10 +465,10 @@ def evaluate(cfg: EvalConfig, novice: NoviceParams, progress: bool = True) -> tu
             raise ValueError(f"unknown view '{v}': choose from {', '.join(VIEWS)}")
     starts = make_starts(views, cfg.episodes, cfg.seed)
     engine = cfg.engine_config()
-    jobs = [(s, policy, novice, cfg.fps, i < 2 * len(views), engine, False)
+    jobs = [Job(s, policy, novice, cfg.fps, i < 2 * len(views), engine, False)
             for policy in POLICIES for i, s in enumerate(starts)]
     sweep_starts = make_starts(views, cfg.sweep_episodes, cfg.seed + 1) if cfg.wrong_way_sweep else []
-    sweep_jobs = [(s, "guided", replace(novice, wrong_way_p=p), cfg.fps, False, engine, False)
+    sweep_jobs = [Job(s, "guided", replace(novice, wrong_way_p=p), cfg.fps, False, engine, False)
                   for p in cfg.wrong_way_sweep for s in sweep_starts]
     t0 = time.perf_counter()
     results = run_jobs(jobs + sweep_jobs, cfg.bundle, cfg.precision, cfg.workers, progress)
@@ -504,7 +513,7 @@ def collect_poses(out: str | Path, episodes_per_view: int = 60, seed: int = 0, b
     if episodes_per_view < 1:
         raise ValueError(f"episodes per view must be at least 1, got {episodes_per_view}")
     starts = make_starts(list(VIEWS), episodes_per_view, seed, first_patient=TRAIN_SEED_BASE)
-    jobs = [(s, "guided", novice or NoviceParams(), 15.0, False, EngineConfig(), True) for s in starts]
+    jobs = [Job(s, "guided", novice or NoviceParams(), 15.0, False, EngineConfig(), True) for s in starts]
     results = run_jobs(jobs, bundle, precision, workers, progress)
     view = np.array([VIEWS.index(r.target) for r in results for _ in r.visited], dtype=np.int64)
     offset = np.array([o for r in results for o in r.visited], dtype=np.float32).reshape(-1, len(POSE_SCALE))
