@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from devices.labels import ACTIONS, VIEW_LABELS, VIEWS
-from training.metrics import compute_metrics, expected_calibration_error, multitask_loss, score
+from training.metrics import compute_metrics, expected_calibration_error, multitask_loss, safe_recall, score
 
 V, A, N = len(VIEWS), len(ACTIONS), 6
 W = {"view": 1.0, "quality": 1.0, "action": 1.0, "pose": 1.0}
@@ -115,3 +115,26 @@ def test_quality_spearman_meter_range_and_acoustic_split():
     outputs["quality"][20, 3] = 0.5                      # a false alarm enters the meter range and counts
     assert compute_metrics(outputs, labels)["quality_spearman"] < 1.0
     assert m["action_acc_visible"] == 1.0 and m["action_acc_blind"] == 1.0
+
+
+def test_safe_recall_counts_what_one_threshold_selects_with_few_non_diagnostic():
+    true = np.r_[np.linspace(0.61, 0.99, 60), np.linspace(0.0, 0.5, 140)]   # 60 diagnostic, 140 not
+    assert safe_recall(true, true) == 1.0                      # perfect ranking: all of them, none bad
+    pred = true.copy()
+    pred[60] = 0.8                                             # one bad frame rated among the good ones
+    above = int((true[:60] > 0.8).sum())                       # a threshold over it keeps only these
+    assert safe_recall(true, pred) == pytest.approx(above / 60)   # 1 bad in <= 61 selected is over 1 %
+    pred[60] = 0.995
+    assert safe_recall(true, pred) == 0.0                      # rated at the very top: nothing is safe
+    many = np.r_[np.linspace(0.61, 0.99, 150), 0.3]            # with 150 good, 1 bad in 151 is within 1 %
+    assert safe_recall(many, np.r_[many[:150], 0.995]) == 1.0
+    tied = np.r_[np.full(60, 0.9), 0.9, true[61:]]             # a tie cannot be split by a threshold
+    assert safe_recall(true, tied) == 0.0
+    assert np.isnan(safe_recall(np.full(5, 0.1), np.linspace(0, 1, 5)))
+
+
+def test_compute_metrics_reports_safe_recall_pooled_and_per_view():
+    outputs, labels = _perfect(40, seed=5)
+    m = compute_metrics(outputs, labels)
+    assert m["quality_safe_recall"] == pytest.approx(1.0)
+    assert all(m[f"quality_safe_recall_{v}"] == pytest.approx(1.0) for v in VIEWS)

@@ -160,14 +160,16 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def format_table(results: dict) -> str:
     """Main metrics of each set, one column per set."""
+    from devices.labels import VIEWS
+
     keys = ["n_frames", "view_acc", "view_ece", "action_acc", "action_acc_onview", "action_acc_other",
             "action_acc_visible", "action_acc_blind", "action_acc_near", "action_acc_far", "quality_spearman", "quality_spearman_all", "quality_mae",
-            "pose_mae"]
+            "quality_safe_recall", *(f"quality_safe_recall_{v}" for v in VIEWS), "pose_mae"]
     sets = results["sets"]
-    lines = [f"weights: {results['weights']}", f"{'metric':<20}" + "".join(f"{n:>20}" for n in sets)]
+    lines = [f"weights: {results['weights']}", f"{'metric':<26}" + "".join(f"{n:>20}" for n in sets)]
     for k in keys:
         if any(k in m for m in sets.values()):
             cells = [m.get(k) for m in sets.values()]
-            lines.append(f"{k:<20}" + "".join(f"{'-':>20}" if c is None else
+            lines.append(f"{k:<26}" + "".join(f"{'-':>20}" if c is None else
                                               (f"{c:>20d}" if isinstance(c, int) else f"{c:>20.4f}") for c in cells))
     return "\n".join(lines)

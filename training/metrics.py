@@ -19,6 +19,10 @@ Metrics (all on frames that carry the label):
         target (fine guidance on the view vs finding the way from far)
     pose_mae: mean absolute pose-offset error in normalized units (POSE_SCALE), pose_mae_<axis>
         in mm / deg
+    quality_safe_recall: share of the truly diagnostic (frame, view) pairs that one quality threshold
+        can select while at most SAFE_BAD_SHARE of the selected pairs are not diagnostic: the top of
+        the quality scale that auto-capture relies on (closed-loop false captures are non-diagnostic
+        images rated at the top); quality_safe_recall_<VIEW> with a threshold per view
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from devices.labels import POSE_AXES, POSE_SCALE, VIEW_LABELS, VIEW_RADIUS, VIEWS
+from devices.labels import POSE_AXES, POSE_SCALE, QUALITY_DIAGNOSTIC, VIEW_LABELS, VIEW_RADIUS, VIEWS
 
 METER_RESOLUTION = 0.01  # quality below this reads as "no view" on a quality meter
+SAFE_BAD_SHARE = 0.01    # quality_safe_recall: the false-capture target of the closed loop
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -66,6 +71,19 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def safe_recall(q_true: np.ndarray, q_pred: np.ndarray, bad_share: float = SAFE_BAD_SHARE) -> float:
+    """Largest share of the diagnostic pairs a threshold on q_pred selects with at most bad_share of
+    the selection non-diagnostic (NaN with no diagnostic pair). Ties count as one threshold."""
+    diag = q_true >= QUALITY_DIAGNOSTIC
+    if not diag.any():
+        return float("nan")
+    order = np.argsort(-q_pred, kind="stable")
+    good, bad = np.cumsum(diag[order]), np.cumsum(~diag[order])
+    cut = np.r_[q_pred[order][1:] != q_pred[order][:-1], True]      # a threshold can stop only here
+    ok = cut & (bad <= bad_share * np.arange(1, len(order) + 1))
+    return float(good[ok].max() / diag.sum()) if ok.any() else 0.0
+
+
 def compute_metrics(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
                     acoustic: np.ndarray | None = None) -> dict[str, Any]:
     """All metrics from model outputs and labels (numpy, whole evaluation set).
@@ -99,11 +117,13 @@ def compute_metrics(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray
         m["quality_spearman"] = _spearman(q_true[meter], q_pred[meter])
         m["quality_spearman_all"] = _spearman(q_true[has_q], q_pred[has_q])
         m["quality_meter_frac"] = float(meter.sum() / has_q.sum())
+        m["quality_safe_recall"] = safe_recall(q_true[has_q], q_pred[has_q])
         for v, name in enumerate(VIEWS):
             sel = has_q[:, v]
             if sel.any():
                 m[f"quality_mae_{name}"] = float(np.abs(q_true[sel, v] - q_pred[sel, v]).mean())
                 m[f"quality_spearman_{name}"] = _spearman(q_true[meter[:, v], v], q_pred[meter[:, v], v])
+                m[f"quality_safe_recall_{name}"] = safe_recall(q_true[sel, v], q_pred[sel, v])
 
     a_true = np.asarray(labels["action"])
     a_pred = np.asarray(outputs["action_logits"]).argmax(-1)
