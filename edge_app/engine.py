@@ -356,14 +356,13 @@ class EngineConfig:
         for name in ("latency_budget_ms", "reversal_window_s", "reversals"):
             if not getattr(out, name) > 0:
                 raise ValueError(f"engine setting {name} must be > 0, got {getattr(out, name)}")
-        if isinstance(out.capture_margin, Mapping):
-            out.capture_margin = dict(out.capture_margin)
-            if set(out.capture_margin) != set(VIEWS):
-                raise ValueError(f"engine setting capture_margin per view needs exactly the views "
-                                 f"{', '.join(VIEWS)}, got {', '.join(map(str, out.capture_margin))}")
-        margins = out.capture_margin.values() if isinstance(out.capture_margin, dict) else [out.capture_margin]
-        if not all(m >= 0 for m in margins):
-            raise ValueError(f"engine setting capture_margin must be >= 0, got {out.capture_margin}")
+        margin = out.capture_margin                    # one number becomes the same margin for every view
+        out.capture_margin = dict(margin) if isinstance(margin, Mapping) else dict.fromkeys(VIEWS, margin)
+        if set(out.capture_margin) != set(VIEWS):
+            raise ValueError(f"engine setting capture_margin per view needs exactly the views "
+                             f"{', '.join(VIEWS)}, got {', '.join(map(str, out.capture_margin))}")
+        if not all(m >= 0 for m in out.capture_margin.values()):
+            raise ValueError(f"engine setting capture_margin must be >= 0, got {margin}")
         if out.capture_check_slack is not None and not 0.0 <= out.capture_check_slack <= 1.0:
             raise ValueError(f"engine setting capture_check_slack must be in [0, 1] or None, got "
                              f"{out.capture_check_slack}")
