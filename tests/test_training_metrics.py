@@ -55,6 +55,22 @@ def test_all_missing_gives_zero_and_backprops():
     assert float(loss.detach()) == 0.0 and all(v == 0.0 for v in terms.values())
 
 
+def test_overrate_weight_scales_only_good_rated_non_diagnostic_pairs():
+    """The weight multiplies the BCE of pairs rated >= QUALITY_GOOD with a non-diagnostic label."""
+    q_pred = torch.tensor([[0.9, 0.9, 0.3, 0.7, 0.5]])
+    q_true = torch.tensor([[0.2, 0.9, 0.1, 0.2, 0.5]])  # only the first pair is over-rated
+    outputs, targets = _batch()
+    outputs = (outputs[0][:1], q_pred, outputs[2][:1], outputs[3][:1])
+    targets = {k: v[:1] for k, v in targets.items()} | {"quality": q_true}
+    bce = torch.nn.functional.binary_cross_entropy(q_pred, q_true, reduction="none")[0]
+    _, plain = multitask_loss(outputs, targets, W)
+    _, weighted = multitask_loss(outputs, targets, W | {"quality_overrate": 5.0})
+    assert plain["quality"] == pytest.approx(float(bce.mean()), rel=1e-5)
+    assert weighted["quality"] == pytest.approx(float((bce.sum() + 4.0 * bce[0]) / 5), rel=1e-5)
+    for k in ("view", "action", "pose"):
+        assert weighted[k] == plain[k]
+
+
 def _perfect(n=40, seed=0):
     rng = np.random.default_rng(seed)
     view = rng.integers(0, V + 1, n)

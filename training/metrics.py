@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from devices.labels import POSE_AXES, POSE_SCALE, QUALITY_DIAGNOSTIC, VIEW_LABELS, VIEW_RADIUS, VIEWS
+from devices.labels import POSE_AXES, POSE_SCALE, QUALITY_DIAGNOSTIC, QUALITY_GOOD, VIEW_LABELS, VIEW_RADIUS, VIEWS
 
 METER_RESOLUTION = 0.01  # quality below this reads as "no view" on a quality meter
 SAFE_BAD_SHARE = 0.01    # quality_safe_recall: the false-capture target of the closed loop
@@ -175,7 +175,9 @@ def multitask_loss(outputs: tuple, targets: dict, weights: dict[str, float], lab
     Args:
         outputs: model outputs (view_logits, quality, action_logits, pose_offset).
         targets: "view" [B] int64, "quality" [B, V], "action" [B, V] int64, "pose" [B, V, 5].
-        weights: "view", "quality", "action", "pose" multipliers.
+        weights: "view", "quality", "action", "pose" multipliers; optional "quality_overrate"
+            (default 1): BCE weight of the pairs rated good (>= QUALITY_GOOD) that are not
+            diagnostic, the errors that become false auto-captures.
         label_smoothing: for the two cross-entropies.
 
     Returns:
@@ -192,8 +194,13 @@ def multitask_loss(outputs: tuple, targets: dict, weights: dict[str, float], lab
                      if (view >= 0).any() else zero)
     q = targets["quality"]
     mask = torch.isfinite(q)
-    terms["quality"] = (F.binary_cross_entropy(quality[mask].clamp(1e-6, 1 - 1e-6), q[mask])
-                        if mask.any() else zero + quality.sum() * 0.0)
+    if mask.any():
+        q_pred, q_true = quality[mask].clamp(1e-6, 1 - 1e-6), q[mask]
+        bce = F.binary_cross_entropy(q_pred, q_true, reduction="none")
+        overrated = (q_true < QUALITY_DIAGNOSTIC) & (q_pred.detach() >= QUALITY_GOOD)
+        terms["quality"] = (bce * torch.where(overrated, weights.get("quality_overrate", 1.0), 1.0)).mean()
+    else:
+        terms["quality"] = zero + quality.sum() * 0.0
     a = targets["action"]
     terms["action"] = (F.cross_entropy(action_logits.reshape(-1, action_logits.shape[-1]), a.reshape(-1),
                                        ignore_index=-1, label_smoothing=label_smoothing)

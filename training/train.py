@@ -51,6 +51,7 @@ class TrainConfig:
     w_quality: float = 2.0             #   quality BCE (small values, needs a push for rank correlation)
     w_action: float = 1.0              #   action CE (per target view)
     w_pose: float = 0.5                #   pose SmoothL1 (auxiliary; normalized units)
+    w_quality_overrate: float = 1.0    #   x quality BCE where a non-diagnostic image is rated good (false captures)
     augment_p: float = 0.3             # probability of each scanner augmentation (0 = off)
     workers: int = 1                   # DataLoader worker processes (0 = in the training process; on-the-fly rendering wants >= 1)
     seed: int = 0                      # everything random derives from it
@@ -201,7 +202,8 @@ def eval_loss(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], cfg
 
 
 def _weights(cfg: TrainConfig) -> dict[str, float]:
-    return {"view": cfg.w_view, "quality": cfg.w_quality, "action": cfg.w_action, "pose": cfg.w_pose}
+    return {"view": cfg.w_view, "quality": cfg.w_quality, "action": cfg.w_action, "pose": cfg.w_pose,
+            "quality_overrate": cfg.w_quality_overrate}
 
 
 def build_datasets(cfg: TrainConfig, rank: int = 0, world: int = 1, probe_factory: Any = None
