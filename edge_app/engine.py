@@ -251,8 +251,8 @@ class EngineConfig:
             ships lower margins: 0.22, PSAX 0.20, chosen on seeds 11-15 (guided only, 100 episodes
             per view: successes / false captures 357 / 8 at 0.22; PSAX 30 / 0 at 0.22, 43 / 3 at
             0.20, 56 / 5 at 0.18; A2C 63 / 5 at 0.25 against 80 / 4 at 0.22, its false captures
-            do not come from the margin). Held out of that choice, seeds 1-10 and 16-20 (1500
-            episodes): 1111 / 25 against the model before it at 0.265, 973 / 19. Earlier models:
+            do not come from the margin). Held out of that choice, seeds 1-10 and 16-25 (2000
+            episodes): 1482 / 40 against the model before it at 0.265, 1291 / 29. Earlier models:
             0.265, 0.25, 0.2 (docs/eval and the README have the figures).
             One number applies to every view; a mapping gives each view its own (all views named).
         reversal_block_s: an axis whose instruction reversed `reversals` times within
