@@ -197,7 +197,7 @@ class BundlePredictor:
 # Predicted pose offsets (normalized units) under which a fine correction has no direction to give.
 FINE_MIN_OFFSET = 0.1
 # Auto-capture margin over the diagnostic threshold per target view (EngineConfig.capture_margin),
-# chosen for the shipped model by the closed loop: the same for every view (see EngineConfig).
+# chosen for the shipped model by the closed loop on seeds 11-15 (see EngineConfig).
 CAPTURE_MARGINS = {"PLAX": 0.22, "PSAX": 0.20, "A4C": 0.22, "A2C": 0.22, "SC4C": 0.22}
 
 
