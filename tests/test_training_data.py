@@ -88,6 +88,19 @@ def test_sim_fingerprint_follows_code_not_comments(tmp_path):
     assert D.sim_fingerprint(tmp_path) != D.sim_fingerprint()     # a label change: shards are stale
 
 
+def test_sim_fingerprint_is_the_same_on_every_python():
+    import ast
+
+    node = ast.parse("def f(x):\n    return x + 1\n").body[0]
+    text = D._ast_text(node)
+    assert "lineno" not in text and "Add()" in text
+    node._fields = (*node._fields, "type_params")   # as Python 3.12 parses a def: one more, empty field
+    node.type_params = []
+    assert D._ast_text(node) == text
+    node.type_params = [ast.TypeVar(name="T")] if hasattr(ast, "TypeVar") else [ast.Name(id="T")]
+    assert D._ast_text(node) != text                 # a field with content still counts
+
+
 def test_load_shards_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards"):
         D.load_shards(tmp_path / "missing")

@@ -201,12 +201,26 @@ def render_patient(patient_seed: int, frames: int, heldout: bool = False, size: 
     return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in rows.items()}
 
 
+def _ast_text(node: Any) -> str:
+    """A syntax tree as text without positions and without empty fields: the same on every Python
+    (ast.dump is not: 3.12 adds `type_params=[]` to every def, 3.13 drops empty fields)."""
+    import ast
+
+    if isinstance(node, ast.AST):
+        fields = [(k, getattr(node, k, None)) for k in node._fields]
+        return (type(node).__name__ + "(" + ", ".join(f"{k}={_ast_text(v)}" for k, v in fields
+                                                      if v is not None and v != []) + ")")
+    if isinstance(node, list):
+        return "[" + ", ".join(_ast_text(v) for v in node) + "]"
+    return repr(node)
+
+
 def sim_fingerprint(devices_dir: Path | None = None) -> str:
     """sha256 (16 hex) of the code that makes images and labels (devices/sim/*.py, devices/labels.py):
     shards and checkpoints from another simulator version differ.
 
     Hashes the syntax tree without docstrings, so comments, docstrings and formatting do not make
-    rendered shards look stale; any change to the code does.
+    rendered shards look stale; any change to the code does; the Python version does not.
     """
     import ast
     import hashlib
@@ -220,7 +234,7 @@ def sim_fingerprint(devices_dir: Path | None = None) -> str:
             if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
                     and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
                 node.body = body[1:] or [ast.Pass()]
-        h.update(path.name.encode() + ast.dump(tree).encode())
+        h.update(path.name.encode() + _ast_text(tree).encode())
     return h.hexdigest()[:16]
 
 
