@@ -24,6 +24,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "dataset": ("Pre-render a labelled simulator dataset to disk in shards", "training.cli:configure_dataset"),
     },
     "train": ("Train a guidance model (YAML config plus key=value overrides)", "training.cli:configure_train"),
+    "grow": ("Grow a trained model into a wider, deeper one with the same outputs", "training.grow:configure_grow"),
     "val": ("Evaluate a model on held-out simulated patients or a dataset folder", "training.cli:configure_val"),
     "export": ("Export a checkpoint to a verified ONNX bundle (fp32/fp16/int8)", "export.cli:configure_export"),
     "bench": {
