@@ -197,7 +197,7 @@ class BundlePredictor:
 # Predicted pose offsets (normalized units) under which a fine correction has no direction to give.
 FINE_MIN_OFFSET = 0.1
 # Auto-capture margin over the diagnostic threshold per target view (EngineConfig.capture_margin),
-# chosen for the shipped model by the closed loop on seeds 11-15 (see EngineConfig).
+# chosen for the shipped model by the closed loop (see EngineConfig).
 CAPTURE_MARGINS = {"PLAX": 0.22, "PSAX": 0.22, "A4C": 0.22, "A2C": 0.22, "SC4C": 0.22}
 
 
@@ -252,10 +252,10 @@ class EngineConfig:
             false captures; its bundle's gates then set on 200 frames, README) it gave 378 / 10
             at 0.22, 386 / 11 with PSAX at 0.20 and 359 / 10 at 0.24 (PSAX 0.22); PSAX at 0.20
             was the better point there, but held out it cost 20 false captures of 400 PSAX
-            episodes (0.22: 7), so every view is at 0.22 (per-view picks
-            from 100 episodes did not carry over before, README findings; this choice saw held-out
-            figures). Seeds 1-10 and 16-25 (2000 episodes): README. The model before it shipped
-            0.22, PSAX 0.20 (1482 / 40 there); earlier models 0.265, 0.25, 0.2.
+            episodes (0.22: 7), so every view is at 0.22 (per-view picks from 100 episodes did
+            not carry over before, README findings; this choice saw held-out figures). Seeds 1-10
+            and 16-25 (2000 episodes): README. The model before it shipped 0.22, PSAX 0.20 (1482 /
+            40 there); earlier models 0.265, 0.25, 0.2.
             One number applies to every view; a mapping gives each view its own (all views named).
         reversal_block_s: an axis whose instruction reversed `reversals` times within
             `reversal_window_s` (CW, CCW, CW) is set aside this long and the best instruction on
