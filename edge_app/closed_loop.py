@@ -106,6 +106,7 @@ class EpisodeResult:
     closest: float = math.inf         # smallest true pose distance to the target (normalized units)
     best_clip_quality: float = 0.0    # best true quality of a capture-hold's frames anywhere on the path
     outcome: str = ""                 # one of OUTCOMES (episode_outcome)
+    best_achievable: bool = False     # the capture was the engine's best-achievable one (EngineConfig.patience_s)
 
 
 def episode_outcome(success: bool, captured: bool, closest: float, best_clip_quality: float,
@@ -348,7 +349,8 @@ def run_episode(start: Start, policy: str, predictor: Any, novice: NoviceParams,
     return EpisodeResult(policy, start.target, start.kind, start.patient_seed, ok, captured, captured and not ok,
                          now if captured else novice.give_up_s, path, n_unavailable / (tick + 1), quality,
                          trajectory, visited, closest, best_clip,
-                         episode_outcome(ok, captured, closest, best_clip, engine.config.capture_level(start.target)))
+                         episode_outcome(ok, captured, closest, best_clip, engine.config.capture_level(start.target)),
+                         captured and state.captures[-1].best_achievable)
 
 
 def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
@@ -365,6 +367,8 @@ def summarize(results: list[EpisodeResult], give_up_s: float) -> dict[str, Any]:
             "time_to_success_p90_s": float(np.percentile(wins, 90)) if wins else None,
             "path_length_median": float(np.median([r.path_length for r in rs])),
             "false_capture_rate": sum(r.false_capture for r in rs) / len(rs),
+            "best_achievable_captures": sum(r.best_achievable for r in rs),
+            "best_achievable_false": sum(r.best_achievable and r.false_capture for r in rs),
             "unavailable_fraction": float(np.mean([r.unavailable_fraction for r in rs])),
             "outcomes": {k: sum(r.outcome == k for r in rs) for k in OUTCOMES},
             "best_clip_quality_median_uncaptured": float(np.median(missed)) if missed else None,
@@ -637,7 +641,12 @@ def write_report(out_dir: Path, summary: dict[str, Any], results: list[EpisodeRe
              f"bundle precision {summary['config']['precision']}. Wall time {summary['wall_s']} s.", "",
              "Environment: " + ", ".join(f"{k} {v}" for k, v in summary["environment"].items())
              + " (the figures move with these versions: compare runs of one environment).", "",
-             headline_table(summary), "", "## Per view (success rate)", "",
+             headline_table(summary), ""]
+    for policy, block in summary["policies"].items():
+        o = block["overall"]
+        lines.append(f"- {policy}: {o['best_achievable_captures']} best-achievable captures (a long steady hold under "
+                     f"the capture level), {o['best_achievable_false']} of them non-diagnostic (in the false captures)")
+    lines += ["", "## Per view (success rate)", "",
              "| view | " + " | ".join(summary["policies"]) + " |", "|---" * (len(summary["policies"]) + 1) + "|"]
     for v in views:
         lines.append(f"| {v} | " + " | ".join(f"{summary['policies'][p]['by_view'][v]['success_rate']:.0%}"

@@ -56,7 +56,7 @@ def summarize(engine: GuidanceEngine, elapsed_s: float, end: str) -> dict[str, A
         "latency_ms_p50": lat["p50"], "latency_ms_p99": lat["p99"],
         "states": stats["states"],
         "captures": [{"view": c.view, "quality": round(c.quality, 4), "path": c.path, "t": round(c.t, 3),
-                      "auto": c.auto} for c in state.captures],
+                      "auto": c.auto, "best_achievable": c.best_achievable} for c in state.captures],
         "source": engine.source_name, "model": engine.predictor.name, "precision": engine.predictor.precision,
         "error": None if engine.error is None else str(engine.error),
         "capture_error": engine.capture_error, "recording_error": engine.recording_error,

@@ -161,17 +161,19 @@ def test_novice_step_follows_the_move_size_caption_only_when_asked():
         NoviceParams(size_steps=(1.0, 1.0)).validate()
 
 
-def _result(policy, target, kind, success, captured, t, path=1.0, unavailable=0.0, closest=0.5, best_clip=0.7):
+def _result(policy, target, kind, success, captured, t, path=1.0, unavailable=0.0, closest=0.5, best_clip=0.7,
+            best_achievable=False):
     return EpisodeResult(policy, target, kind, 30000, success, captured, captured and not success, t, path,
                          unavailable, 0.7 if success else (0.4 if captured else None), closest=closest,
                          best_clip_quality=best_clip,
-                         outcome=episode_outcome(success, captured, closest, best_clip, capture_level=0.85))
+                         outcome=episode_outcome(success, captured, closest, best_clip, capture_level=0.85),
+                         best_achievable=best_achievable)
 
 
 SCRIPTED = [
     _result("guided", "A4C", "near", True, True, 4.0, 2.0, 0.1),
-    _result("guided", "A4C", "far", True, True, 10.0, 6.0, 0.0),
-    _result("guided", "PLAX", "near", False, True, 3.0, 1.0, 0.2),   # false capture
+    _result("guided", "A4C", "far", True, True, 10.0, 6.0, 0.0, best_achievable=True),
+    _result("guided", "PLAX", "near", False, True, 3.0, 1.0, 0.2, best_achievable=True),   # false capture
     _result("guided", "PLAX", "far", False, False, 60.0, 9.0, 0.3, closest=3.0),  # gave up far away
     _result("oracle", "A4C", "near", True, True, 2.0),
     _result("oracle", "PLAX", "far", True, True, 6.0),
@@ -191,6 +193,7 @@ def test_summary_metrics_on_scripted_episodes():
     assert g["outcomes"] == {"success": 2, "false_capture": 1, "never_near": 1, "never_at_target": 0,
                              "below_capture_level": 0, "not_captured": 0}
     assert g["best_clip_quality_median_uncaptured"] == 0.7      # the one episode that gave up
+    assert g["best_achievable_captures"] == 2 and g["best_achievable_false"] == 1
     table = headline_table(s)
     assert "| guided | 50% (15%-85%) | 7.0 |" in table and "25.0%" in table
     assert wilson_interval(0.5, 50) == pytest.approx((0.366, 0.634), abs=0.001)
@@ -210,6 +213,7 @@ def test_report_renders(tmp_path):
     assert "Environment: numpy 1.0, onnxruntime 9.9 (" in text
     assert "| guided | 1 | 1 | 0 | 0 | 0 | 0.70 |" in text and "| guided PLAX | 1 | 1 | 0 | 0 | 0 | 0.70 |" in text
     assert "| oracle | 0 | 0 | 0 | 0 | 0 | - |" in text
+    assert "- guided: 2 best-achievable captures (a long steady hold under the capture level), 1 of them" in text
     for png in ("success_vs_time.png", "success_by_view.png", "trajectories.png"):
         data = (tmp_path / "eval" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

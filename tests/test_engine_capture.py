@@ -230,3 +230,56 @@ def test_capture_margin_per_view_must_name_every_view():
         make_engine(capture_margin={"A4C": 0.2})
     with pytest.raises(ValueError, match="capture_margin must be >= 0"):
         make_engine(capture_margin={"PLAX": 0.25, "PSAX": -0.1, "A4C": 0.3, "A2C": 0.25, "SC4C": 0.25})
+
+
+STEADY = make_output("A4C", 0.95, quality=0.78, action="HOLD")   # over the patience level, under the capture level
+
+
+def test_a_long_steady_hold_under_the_capture_level_captures_the_best_achievable_clip():
+    """Over a poor window the capture level may be out of reach: after patience_s steady at the
+    patience level the engine saves the best clip the window gives, and says so."""
+    engine, pred = make_engine(smoothing_s=0.0, patience_s=6.0, patience_margin=0.15)
+    assert 0.6 + 0.15 <= STEADY.quality[2] < CAPTURE_LEVEL
+    pred.output = STEADY
+    states = feed(engine, 5.9, 0.0)
+    assert not states[-1].captures and states[-1].state == "HOLD"
+    states = feed(engine, 0.5, 5.9, 177)
+    capture = next(s for s in states if s.captures)
+    assert 6.0 - 1e-9 <= capture.t <= 6.0 + 1 / FPS + 1e-9
+    cap = capture.captures[0]
+    assert cap.auto and cap.best_achievable and cap.quality == pytest.approx(0.78)
+    assert capture.state == "CAPTURED" and capture.instruction == "A4C captured (the best this window gives)"
+
+
+def test_best_achievable_waits_again_after_a_dip_and_is_off_with_patience_none():
+    engine, pred = make_engine(smoothing_s=0.0, patience_s=6.0)
+    pred.output = STEADY
+    feed(engine, 4.0, 0.0)
+    pred.output = make_output("A4C", 0.95, quality=0.7, action="HOLD")      # under the patience level
+    feed(engine, 0.2, 4.0, 120)
+    pred.output = STEADY
+    states = feed(engine, 6.5, 4.2, 126)
+    assert next(s for s in states if s.captures).t >= 4.2 + 6.0 - 1e-9
+    engine, pred = make_engine(smoothing_s=0.0, patience_s=None)
+    pred.output = STEADY
+    assert not feed(engine, 20.0, 0.0)[-1].captures
+    with pytest.raises(ValueError, match="patience_s"):
+        make_engine(patience_s=0.0)
+    with pytest.raises(ValueError, match="patience_margin"):
+        make_engine(patience_margin=1.5)
+
+
+def test_best_achievable_capture_needs_the_capture_check_at_its_own_level():
+    """A steady rating that falls apart on shifted, zoomed ... copies of the frames is not saved."""
+    fed = []
+
+    def script(img, call):
+        seen = any(img is f for f in fed[-60:])
+        return make_output("A4C", 0.95, quality=0.78 if seen else 0.6, action="HOLD")
+
+    engine, pred = make_engine(smoothing_s=0.0, patience_s=2.0)
+    pred.script = script
+    for i in range(int(8 * FPS)):
+        fed.append(us_image(i / FPS))
+        state = engine.process(Frame(image=fed[-1], t=i / FPS, index=i))
+        assert not state.captures

@@ -8,7 +8,7 @@ import pytest
 from devices.labels import ACTION_TEXT, ACTIONS, QUALITY_DIAGNOSTIC
 from edge_app.ui import _window_size
 from edge_app.ui.display import (
-    ICON_CAPTURED, ICON_SEARCHING, ICON_UNAVAILABLE, KEYMAP, describe, is_practice_source,
+    ICON_CAPTURED, ICON_SEARCHING, ICON_UNAVAILABLE, KEYMAP, capture_label, describe, is_practice_source,
 )
 from tests.helpers_ui import FakeProbe, FakeState
 
@@ -148,3 +148,11 @@ def test_fake_state_matches_the_engine_state_fields():
     real = set(engine.GuidanceState.__dataclass_fields__)
     fake = set(FakeState.__dataclass_fields__)
     assert fake <= real, f"the UI reads fields the engine does not publish: {fake - real}"
+
+
+def test_the_clip_list_says_how_each_clip_was_taken():
+    from edge_app.engine import Capture
+
+    assert capture_label(Capture("A4C", 0.874, None, 1.0)) == "[b]A4C[/b]  q 0.87"
+    assert capture_label(Capture("PSAX", 0.78, None, 1.0, best_achievable=True)) == "[b]PSAX[/b]  q 0.78  best achievable"
+    assert capture_label(Capture("PLAX", 0.5, None, 1.0, auto=False)) == "[b]PLAX[/b]  q 0.50  manual"

@@ -306,8 +306,7 @@ class PocusApp(App):
             self._last_frame_index = index
         captures = tuple(getattr(state, "captures", ()) or ())
         for cap in captures[self._n_captures:]:
-            self.strip.add_capture(str(getattr(cap, "view", "?")), float(getattr(cap, "quality", 0.0)), image,
-                                   manual=getattr(cap, "auto", True) is False, threshold=d.threshold)
+            self.strip.add_capture(cap, image, threshold=d.threshold)
         self._n_captures = len(captures)
         self._tick_ms.append(1000 * (time.perf_counter() - t0))
         del self._tick_ms[:-300]

@@ -53,6 +53,14 @@ ICON_SEARCHING = "SEARCHING"
 ICON_CAPTURED = "CAPTURED"
 
 
+def capture_label(capture: Any) -> str:
+    """The clip list's line for one capture: view, quality, and how it was taken when not by the usual
+    auto-capture (the CAPTURE button, or the best a poor window gives after a long steady hold)."""
+    how = ("  manual" if getattr(capture, "auto", True) is False
+           else "  best achievable" if getattr(capture, "best_achievable", False) else "")
+    return f"[b]{getattr(capture, 'view', '?')}[/b]  q {float(getattr(capture, 'quality', 0.0)):.2f}{how}"
+
+
 @dataclass(frozen=True)
 class Display:
     """Everything the screen shows for one state, as plain values.

@@ -6,6 +6,7 @@ Icons are drawn with canvas primitives in a 100 x 100 design square (y up) scale
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from kivy.core.text import Label as CoreLabel
@@ -17,7 +18,7 @@ from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.label import Label
 from kivy.uix.widget import Widget
 
-from edge_app.ui.display import COLORS, ICON_CAPTURED, ICON_SEARCHING, ICON_UNAVAILABLE
+from edge_app.ui.display import COLORS, ICON_CAPTURED, ICON_SEARCHING, ICON_UNAVAILABLE, capture_label
 
 
 def gray_texture(image: np.ndarray) -> Texture:
@@ -394,15 +395,12 @@ class CaptureStrip(BoxLayout):
                             size_hint_y=None, height=dp(40))
         self.add_widget(self._empty)
 
-    def add_capture(self, view: str, quality: float, image: np.ndarray | None, manual: bool = False,
-                    threshold: float = 0.6, max_tiles: int = 12) -> None:
+    def add_capture(self, capture: Any, image: np.ndarray | None, threshold: float = 0.6, max_tiles: int = 12) -> None:
         """Put one tile on top; its thumbnail texture is made once from the frame on screen.
 
         Args:
-            view: the captured target view.
-            quality: its quality, green when >= threshold.
+            capture: the engine's Capture (view, quality: green when >= threshold, how it was taken).
             image: the frame on screen (thumbnail) or None.
-            manual: captured with the CAPTURE button rather than automatically.
             threshold: diagnostic quality threshold.
             max_tiles: older tiles beyond this are dropped from the strip.
         """
@@ -423,8 +421,8 @@ class CaptureStrip(BoxLayout):
                 rect.pos, rect.size = (w.x, w.y + (w.height - side) / 2), (side, side)
             thumb.bind(pos=place, size=place)
         tile.add_widget(thumb)
-        text = Label(text=f"[b]{view}[/b]  q {quality:.2f}" + ("  manual" if manual else ""), markup=True,
-                     font_size=sp(20), color=COLORS["hold"] if quality >= threshold else COLORS["text"],
+        text = Label(text=capture_label(capture), markup=True, font_size=sp(20),
+                     color=COLORS["hold"] if float(getattr(capture, "quality", 0.0)) >= threshold else COLORS["text"],
                      halign="left", valign="middle")
         text.bind(size=lambda w, sz: setattr(w, "text_size", sz))
         tile.add_widget(text)
