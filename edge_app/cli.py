@@ -38,6 +38,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "guidance": ("Closed loop: does a simulated novice reach a diagnostic view?", "edge_app.closed_loop:configure_eval"),
         "poses": ("Closed loop on training patients: save the poses guided novices visit (for training)",
                   "edge_app.closed_loop:configure_poses"),
+        "check": ("Closed loop, one policy over many held-out seeds, paired against a run before",
+                  "edge_app.loop_check:configure_check"),
     },
 }
 
