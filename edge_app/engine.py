@@ -916,8 +916,9 @@ class GuidanceEngine:
         return fields
 
     def _capture_best_achievable(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
-        """After patience_s steady at the patience level (under the capture level), capture the best
-        clip this window gives, through the same check at that level (EngineConfig.patience_s)."""
+        """After patience_s at or over the patience level with no usual capture (the capture level out
+        of reach, or its check failing), capture the best clip this window gives, through the same
+        check at the patience level (EngineConfig.patience_s)."""
         cfg = self.config
         level = cfg.quality_threshold + cfg.patience_margin
         steady = (cfg.patience_s is not None and self._armed and fields["available"]

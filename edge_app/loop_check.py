@@ -115,7 +115,8 @@ def format_tally(counts: Mapping[str, Mapping[str, int]]) -> str:
     for view, c in counts.items():
         n = max(c["episodes"], 1)
         lines.append(f"| {view} | {c['episodes']} | {c['successes']} ({c['successes'] / n:.0%}) | "
-                     f"{c['false_captures']} ({c['false_captures'] / n:.1%}) | {c['best_achievable']} | " + " | ".join(str(c[k]) for k in cols) + " |")
+                     f"{c['false_captures']} ({c['false_captures'] / n:.1%}) | {c['best_achievable']} | "
+                     + " | ".join(str(c[k]) for k in cols) + " |")
     return "\n".join(lines)
 
 
@@ -149,16 +150,19 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
     parser.add_argument("--seeds", default=DEFAULT_SEEDS,
                         help=f"seeds of `pocus eval guidance --seed`, as a list of ranges (default {DEFAULT_SEEDS}: "
                              "the README's held-out sets, ~22 min on 2 cores)")
-    parser.add_argument("--episodes", type=int, default=20, help="episodes per target view and seed (half near, half far)")
+    parser.add_argument("--episodes", type=int, default=20,
+                        help="episodes per target view and seed (half near, half far)")
     parser.add_argument("--views", nargs="+", default=list(VIEWS), help="target views")
     parser.add_argument("--policy", default="guided", choices=list(POLICIES), help="who moves the probe")
     parser.add_argument("--capture-margin", default=None, metavar="M|VIEW=M,...",
                         help="engine's auto-capture margin: one number, or one per view (PLAX=0.22,PSAX=0.2,...); "
                              "default: the engine's")
-    parser.add_argument("--give-up", type=float, default=NoviceParams().give_up_s, help="time limit per episode (simulated s)")
+    parser.add_argument("--give-up", type=float, default=NoviceParams().give_up_s,
+                        help="time limit per episode (simulated s)")
     parser.add_argument("--workers", type=int, default=2, help="processes")
     parser.add_argument("--out", default=None, help="JSON file for the episodes, the counts and the settings")
-    parser.add_argument("--against", default=None, help="a JSON file written by --out before: compare episode by episode")
+    parser.add_argument("--against", default=None,
+                        help="a JSON file written by --out before: compare episode by episode")
     parser.add_argument("--json", action="store_true", help="print the counts (and comparison) as JSON")
 
     def run(args: argparse.Namespace) -> int:
@@ -169,7 +173,8 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
             try:
                 before = json.loads(Path(args.against).read_text())["episodes"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"--against {args.against}: not a file written by `pocus eval check --out` ({exc})") from None
+                raise ValueError(f"--against {args.against}: not a file written by `pocus eval check --out` "
+                                 f"({exc})") from None
         margin = _margin(args.capture_margin)
         engine = EngineConfig() if margin is None else EngineConfig(capture_margin=margin)
         engine.resolved()                     # bad settings fail here, not in every worker
@@ -179,15 +184,21 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
                          workers=args.workers, progress=not args.json)
         counts = tally(rows)
         result: dict[str, Any] = {"counts": counts}
-        if before is not None:
-            result["paired"] = paired(rows, before)
-        if args.out:
+        settings = {"bundle": args.bundle, "precision": args.precision, "seeds": args.seeds, "episodes": args.episodes,
+                    "views": args.views, "policy": args.policy, "novice": asdict(novice), "engine": asdict(engine)}
+
+        def save() -> None:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            settings = {"bundle": args.bundle, "precision": args.precision, "seeds": args.seeds, "episodes": args.episodes,
-                        "views": args.views, "policy": args.policy, "novice": asdict(novice), "engine": asdict(engine)}
-            out.write_text(json.dumps({"settings": settings, "environment": environment(), **result,
-                                       "episodes": rows}, default=str))
+            out.write_text(json.dumps({"settings": settings, "environment": environment(), **result, "episodes": rows},
+                                      default=str))
+
+        if args.out:
+            save()                        # before the comparison: a mismatched --against loses no episode
+        if before is not None:
+            result["paired"] = paired(rows, before)
+            if args.out:
+                save()
         if args.json:
             print(json.dumps(result))
             return 0

@@ -65,6 +65,13 @@ def test_cli_runs_saves_and_compares_and_rejects_bad_input(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "| A4C | 2 |" in r.stdout and "on 2 shared episodes" in r.stdout
     assert "only this run 0, only the run before 0 (exact McNemar p = 1)" in r.stdout   # deterministic episodes
+    other = tmp_path / "other.json"                     # a run of other starts: no episode to pair with
+    other.write_text(json.dumps({"episodes": [row(1, "PLAX", "success", seed=9)]}))
+    kept = tmp_path / "kept.json"
+    r = subprocess.run(cmd + ["--against", str(other), "--out", str(kept)], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "share no episode" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(kept.read_text())["episodes"] == saved["episodes"]     # the run is saved all the same
     for bad, message in ((["--seeds", "5-2"], "bad seed range"), (["--against", str(tmp_path / "none.json")], "--against"),
                          (["--capture-margin", "PLAX=0.2"], "capture_margin per view"),
                          (["--capture-margin", "x"], "bad --capture-margin"), (["--views", "XYZ"], "unknown view")):
