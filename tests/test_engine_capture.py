@@ -235,10 +235,10 @@ def test_capture_margin_per_view_must_name_every_view():
 STEADY = make_output("A4C", 0.95, quality=0.78, action="HOLD")   # over the patience level, under the capture level
 
 
-def test_a_long_steady_hold_under_the_capture_level_captures_the_best_achievable_clip():
+def test_a_long_steady_hold_under_the_capture_level_captures_the_best_achievable_clip(tmp_path):
     """Over a poor window the capture level may be out of reach: after patience_s steady at the
     patience level the engine saves the best clip the window gives, and says so."""
-    engine, pred = make_engine(smoothing_s=0.0, patience_s=6.0, patience_margin=0.15)
+    engine, pred = make_engine(smoothing_s=0.0, patience_s=6.0, patience_margin=0.15, capture_folder=tmp_path)
     assert 0.6 + 0.15 <= STEADY.quality[2] < CAPTURE_LEVEL
     pred.output = STEADY
     states = feed(engine, 5.9, 0.0)
@@ -249,6 +249,9 @@ def test_a_long_steady_hold_under_the_capture_level_captures_the_best_achievable
     cap = capture.captures[0]
     assert cap.auto and cap.best_achievable and cap.quality == pytest.approx(0.78)
     assert capture.state == "CAPTURED" and capture.instruction == "A4C captured (the best this window gives)"
+    engine.flush()
+    with np.load(cap.path) as z:                          # the saved clip says how it was taken
+        assert json.loads(str(z["meta"]))["best_achievable"] is True
 
 
 def test_best_achievable_waits_again_after_a_dip_and_is_off_with_patience_none():
