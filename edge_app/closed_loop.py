@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
@@ -236,6 +236,15 @@ class TruthPredictor:
         return ModelOutput(view_probs=view_probs / view_probs.sum(), quality=labels["quality"],
                            action_probs=action_probs / action_probs.sum(1, keepdims=True),
                            pose_offset=np.asarray(labels["pose_offset"]) / POSE_SCALE)
+
+
+def target_views(names: Iterable[str]) -> list[str]:
+    """Command-line view names, upper-cased and checked against VIEWS (the evaluations' targets)."""
+    views = [v.strip().upper() for v in names]
+    for v in views:
+        if v not in VIEWS:
+            raise ValueError(f"unknown view '{v}': choose from {', '.join(VIEWS)}")
+    return views
 
 
 def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share: float = 0.5,
@@ -463,10 +472,7 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig, novice: NoviceParams, progress: bool = True) -> tuple[dict[str, Any], list[EpisodeResult]]:
     """All policies on the same starts, plus the novice error-rate sweep. Returns (summary, episodes)."""
     novice.validate()
-    views = [v.strip().upper() for v in cfg.views]
-    for v in views:
-        if v not in VIEWS:
-            raise ValueError(f"unknown view '{v}': choose from {', '.join(VIEWS)}")
+    views = target_views(cfg.views)
     starts = make_starts(views, cfg.episodes, cfg.seed)
     engine = cfg.engine_config()
     jobs = [Job(s, policy, novice, cfg.fps, i < 2 * len(views), engine, False)

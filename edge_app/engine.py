@@ -887,6 +887,10 @@ class GuidanceEngine:
         fields = self._capture_at_level(fields, now)
         return fields if fields["state"] == "CAPTURED" else self._capture_best_achievable(fields, now)
 
+    def _may_auto_capture(self, fields: dict[str, Any]) -> bool:
+        """Armed (the probe left the last captured view since), guidance available, at or near the view."""
+        return self._armed and fields["available"] and fields["state"] in ("HOLD", "GUIDING")
+
     def _capture_at_level(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
         """The usual capture: the smoothed quality at the capture level for capture_hold_s."""
         cfg = self.config
@@ -894,8 +898,7 @@ class GuidanceEngine:
         state, quality = fields["state"], fields.get("quality", 0.0)
         if not self._armed and (state == "NO_SIGNAL" or quality < threshold - cfg.rearm_margin):
             self._armed = True      # the probe left the view (or the patient): the next good view counts again
-        good = (self._armed and fields["available"] and state in ("HOLD", "GUIDING")
-                and quality >= cfg.capture_level(self._target))
+        good = self._may_auto_capture(fields) and quality >= cfg.capture_level(self._target)
         if not good:
             self._good_since, self._unclear = None, False
             return fields
@@ -921,8 +924,8 @@ class GuidanceEngine:
         check at the patience level (EngineConfig.patience_s)."""
         cfg = self.config
         level = cfg.quality_threshold + cfg.patience_margin
-        steady = (cfg.patience_s is not None and self._armed and fields["available"]
-                  and fields["state"] in ("HOLD", "GUIDING") and fields.get("quality", 0.0) >= level)
+        steady = (cfg.patience_s is not None and self._may_auto_capture(fields)
+                  and fields.get("quality", 0.0) >= level)
         if not steady:
             self._steady_since = None
             return fields

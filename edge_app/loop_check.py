@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from devices.labels import VIEWS
-from edge_app.closed_loop import OUTCOMES, POLICIES, Job, NoviceParams, environment, make_starts, run_jobs
+from edge_app.closed_loop import (OUTCOMES, POLICIES, Job, NoviceParams, environment, make_starts, run_jobs,
+                                  target_views)
 
 # The figures of the README: seeds 1-10 and 16-25 held out, 11-15 where engine settings were chosen.
 DEFAULT_SEEDS = "1-10,16-25"
@@ -53,10 +54,7 @@ def run_check(seeds: Iterable[int], episodes: int = 20, views: Iterable[str] = V
         raise ValueError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
     if episodes < 1:
         raise ValueError("episodes per view must be at least 1")
-    names = [v.strip().upper() for v in views]
-    for v in names:
-        if v not in VIEWS:
-            raise ValueError(f"unknown view '{v}': choose from {', '.join(VIEWS)}")
+    names = target_views(views)
     novice = (novice or NoviceParams()).validate()
     engine_config = engine_config or EngineConfig()
     seeds = list(seeds)
