@@ -127,16 +127,15 @@ def format_paired(p: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _margin(text: str | None) -> float | dict[str, float] | None:
-    """--capture-margin: one number, or VIEW=NUMBER for every view (the engine checks the views)."""
-    if text is None:
-        return None
+def _margin(option: str, text: str) -> float | dict[str, float]:
+    """--capture-margin, --patience-margin: one number, or VIEW=NUMBER for every view (the engine
+    checks the views)."""
     try:
         if "=" not in text:
             return float(text)
         return {view.strip().upper(): float(value) for view, _, value in (p.partition("=") for p in text.split(","))}
     except ValueError:
-        raise ValueError(f"bad --capture-margin '{text}': one number, or VIEW=NUMBER for each view") from None
+        raise ValueError(f"bad {option} '{text}': one number, or VIEW=NUMBER for each view") from None
 
 
 def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -155,6 +154,9 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
     parser.add_argument("--capture-margin", default=None, metavar="M|VIEW=M,...",
                         help="engine's auto-capture margin: one number, or one per view (PLAX=0.22,PSAX=0.2,...); "
                              "default: the engine's")
+    parser.add_argument("--patience-margin", default=None, metavar="M|VIEW=M,...",
+                        help="margin of the engine's best-achievable capture (EngineConfig.patience_margin), the same "
+                             "forms; default: the engine's")
     parser.add_argument("--give-up", type=float, default=NoviceParams().give_up_s,
                         help="time limit per episode (simulated s)")
     parser.add_argument("--workers", type=int, default=2, help="processes")
@@ -173,8 +175,10 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"--against {args.against}: not a file written by `pocus eval check --out` "
                                  f"({exc})") from None
-        margin = _margin(args.capture_margin)
-        engine = EngineConfig() if margin is None else EngineConfig(capture_margin=margin)
+        margins = {name: _margin("--" + name.replace("_", "-"), text)
+                   for name, text in (("capture_margin", args.capture_margin), ("patience_margin", args.patience_margin))
+                   if text is not None}
+        engine = EngineConfig(**margins)
         engine.resolved()                     # bad settings fail here, not in every worker
         seeds = parse_seeds(args.seeds)
         novice = NoviceParams(give_up_s=args.give_up)

@@ -7,6 +7,7 @@ import pytest
 
 from devices.base import Frame
 from edge_app.engine import EngineConfig, GuidanceEngine
+from edge_app.headless import summarize
 from helpers_engine import FakeClock, FakeRecorder, ScriptedPredictor, make_output, us_image
 
 FPS = 30.0
@@ -228,7 +229,7 @@ def test_capture_margin_per_view_sets_each_targets_capture_level():
 def test_capture_margin_per_view_must_name_every_view():
     with pytest.raises(ValueError, match="exactly the views"):
         make_engine(capture_margin={"A4C": 0.2})
-    with pytest.raises(ValueError, match="capture_margin must be >= 0"):
+    with pytest.raises(ValueError, match=r"capture_margin must be in \[0, 1\]"):
         make_engine(capture_margin={"PLAX": 0.25, "PSAX": -0.1, "A4C": 0.3, "A2C": 0.25, "SC4C": 0.25})
 
 
@@ -252,6 +253,7 @@ def test_a_long_steady_hold_under_the_capture_level_captures_the_best_achievable
     engine.flush()
     with np.load(cap.path) as z:                          # the saved clip says how it was taken
         assert json.loads(str(z["meta"]))["best_achievable"] is True
+    assert summarize(engine, 6.4, "seconds")["captures"][0]["best_achievable"] is True    # and the headless summary
 
 
 def test_best_achievable_waits_again_after_a_dip_and_is_off_with_patience_none():
@@ -270,6 +272,23 @@ def test_best_achievable_waits_again_after_a_dip_and_is_off_with_patience_none()
         make_engine(patience_s=0.0)
     with pytest.raises(ValueError, match="patience_margin"):
         make_engine(patience_margin=1.5)
+
+
+def test_patience_margin_per_view_sets_each_targets_patience_level():
+    """A per-view patience margin: the same steady quality under the capture level gives a
+    best-achievable clip for the view with the lower patience margin only."""
+    margins = {"PLAX": 0.15, "PSAX": 0.1, "A4C": 0.2, "A2C": 0.15, "SC4C": 0.15}
+    captured = {}
+    for view in ("PSAX", "A4C"):
+        engine, pred = make_engine(smoothing_s=0.0, patience_s=2.0, patience_margin=margins)
+        engine.set_target(view)
+        assert engine.config.patience_level(view) == pytest.approx(0.6 + margins[view])
+        pred.output = make_output(view, 0.95, quality=0.75, action="HOLD")
+        states = feed(engine, 4.0, 0.0)
+        captured[view] = [c.best_achievable for c in states[-1].captures]
+    assert captured == {"PSAX": [True], "A4C": []}
+    with pytest.raises(ValueError, match="patience_margin per view needs exactly the views"):
+        make_engine(patience_margin={"PSAX": 0.1})
 
 
 def test_best_achievable_capture_needs_the_capture_check_at_its_own_level():

@@ -56,9 +56,11 @@ def test_cli_runs_saves_and_compares_and_rejects_bad_input(tmp_path):
     cmd = [sys.executable, "-m", "edge_app.cli", "eval", "check", "--bundle", "truth", "--seeds", "0", "--episodes", "2",
            "--views", "A4C", "--give-up", "6", "--workers", "1"]
     out = tmp_path / "a.json"
-    r = subprocess.run(cmd + ["--out", str(out), "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["--out", str(out), "--json", "--patience-margin", "0.2"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     saved = json.loads(out.read_text())
+    assert saved["settings"]["engine"]["patience_margin"] == 0.2       # the run says how the engine was set
     assert [e["kind"] for e in saved["episodes"]] == ["near", "far"] and saved["settings"]["novice"]["give_up_s"] == 6
     assert saved["counts"]["all"]["episodes"] == 2 and saved["environment"]["numpy"]
     r = subprocess.run(cmd + ["--against", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -74,6 +76,8 @@ def test_cli_runs_saves_and_compares_and_rejects_bad_input(tmp_path):
     assert json.loads(kept.read_text())["episodes"] == saved["episodes"]     # the run is saved all the same
     for bad, message in ((["--seeds", "5-2"], "bad seed range"), (["--against", str(tmp_path / "none.json")], "--against"),
                          (["--capture-margin", "PLAX=0.2"], "capture_margin per view"),
-                         (["--capture-margin", "x"], "bad --capture-margin"), (["--views", "XYZ"], "unknown view")):
+                         (["--capture-margin", "x"], "bad --capture-margin"), (["--views", "XYZ"], "unknown view"),
+                         (["--patience-margin", "PSAX=0.1"], "patience_margin per view"),
+                         (["--patience-margin", "1.5"], "patience_margin must be in [0, 1]")):
         r = subprocess.run(cmd + bad, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
