@@ -323,9 +323,9 @@ class EngineConfig:
             failed check waits the whole time again; None turns it off. patience_margin is one
             number or one per view, like capture_margin (per view since: capture_margin). Closed
             loop, guided only, seeds 11-15, capture margin 0.22 (the engine without it: 375
-            successes / 14 false captures of 500): 0.75 for 6 s 401 / 19, for 10 s 402 / 19; 0.72 for 8 s 404 / 19; 0.78
-            for 6 s 387 / 17 (PSAX gains most: 48 -> 66 successes). With the capture margin raised
-            to 0.24: 387 / 14 (capture_margin).
+            successes / 14 false captures of 500): 0.75 for 6 s 401 / 19, for 10 s 402 / 19; 0.72
+            for 8 s 404 / 19; 0.78 for 6 s 387 / 17 (PSAX gains most: 48 -> 66 successes). With
+            the capture margin raised to 0.24: 387 / 14 (capture_margin).
         clip_s: length of a saved clip (2-3 beats).
         captured_show_s: how long CAPTURED stays on screen before the next protocol view.
         rearm_margin: after a capture, quality must fall this far below the threshold before the
@@ -409,6 +409,7 @@ class EngineConfig:
 
 
 def _for_view(margin: float | Mapping[str, float], view: str) -> float:
+    """A margin setting's value for one view (before `resolved`, it may still be one number)."""
     return margin[view] if isinstance(margin, Mapping) else margin
 
 

@@ -175,9 +175,9 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"--against {args.against}: not a file written by `pocus eval check --out` "
                                  f"({exc})") from None
+        given = {"capture_margin": args.capture_margin, "patience_margin": args.patience_margin}
         margins = {name: _margin("--" + name.replace("_", "-"), text)
-                   for name, text in (("capture_margin", args.capture_margin), ("patience_margin", args.patience_margin))
-                   if text is not None}
+                   for name, text in given.items() if text is not None}
         engine = EngineConfig(**margins)
         engine.resolved()                     # bad settings fail here, not in every worker
         seeds = parse_seeds(args.seeds)
