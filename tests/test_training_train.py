@@ -97,7 +97,9 @@ def test_train_writes_run_folder_and_checkpoint(tmp_path, shards):
     assert ck["model_name"] == "pocusnet_tiny" and ck["input_size"] == 32 and "view_acc" in ck["metrics"]
     shipped = torch.load(tmp_path / "ship" / "default.pt", weights_only=False)
     assert shipped["optimizer"] is None and "train_state" not in shipped
-    assert (tmp_path / "ship" / "default.yaml").is_file()
+    shipped_config = (tmp_path / "ship" / "default.yaml").read_text()
+    assert shipped_config.startswith("# The settings of the run that made this checkpoint")   # a record, says so
+    assert yaml.safe_load(shipped_config)["data_dir"] == str(shards)
     assert json.loads((tmp_path / "ship" / "default_metrics.json").read_text())["config_hash"] == ck["config_hash"]
 
 

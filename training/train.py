@@ -129,10 +129,15 @@ def config_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_yaml(data: dict, path: Path) -> None:
+# Written above a shipped checkpoint's config: a record of the run, not a recipe to rerun as is.
+SHIPPED_CONFIG_HEADER = ("# The settings of the run that made this checkpoint, as it ran. Paths (data, loop poses,\n"
+                         "# init weights, ship_dir) are the training machine's and may not exist here.\n")
+
+
+def save_yaml(data: dict, path: Path, header: str = "") -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
 
 
 def lr_at(cfg: TrainConfig, progress: float) -> float:
@@ -300,7 +305,7 @@ def ship_checkpoint(ckpt: dict, ship_dir: str | Path, name: str = "default") -> 
     tmp = ship_dir / f".{name}.pt.tmp"
     torch.save(slim, tmp)
     os.replace(tmp, out)
-    save_yaml(ckpt["config"], ship_dir / f"{name}.yaml")
+    save_yaml(ckpt["config"], ship_dir / f"{name}.yaml", SHIPPED_CONFIG_HEADER)
     (ship_dir / f"{name}_metrics.json").write_text(json.dumps(
         {"epoch": ckpt["epoch"], "config_hash": ckpt["config_hash"], "sim_fingerprint": ckpt.get("sim_fingerprint"),
          **ckpt["metrics"]}, indent=2))
