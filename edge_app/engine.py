@@ -925,7 +925,8 @@ class GuidanceEngine:
         state, quality = fields["state"], fields.get("quality", 0.0)
         if not self._armed and (state == "NO_SIGNAL" or quality < threshold - cfg.rearm_margin):
             self._armed = True      # the probe left the view (or the patient): the next good view counts again
-        good = self._may_auto_capture(fields) and quality >= cfg.capture_level(self._target)
+        level = cfg.capture_level(self._target)
+        good = self._may_auto_capture(fields) and quality >= level
         if not good:
             self._good_since, self._unclear = None, False
             return fields
@@ -937,13 +938,11 @@ class GuidanceEngine:
                           instruction=NOT_CLEAR_YET.format(view=self._target) if self._unclear
                           else f"Hold still: recording the {self._target} clip")
             return fields
-        if cfg.capture_check_slack is not None and not self._confirms_capture(now, cfg.capture_level(self._target)):
+        if cfg.capture_check_slack is not None and not self._confirms_capture(now, level):
             self._good_since, self._unclear = now, True       # hold again, and say why
             fields.update(hold_progress=0.0, instruction=NOT_CLEAR_YET.format(view=self._target))
             return fields
-        self._capture(now, auto=True)
-        fields.update(self._common_fields(), state="CAPTURED", instruction=self._captured_text, hold_progress=1.0)
-        return fields
+        return self._auto_captured(fields, now, best_achievable=False)
 
     def _capture_best_achievable(self, fields: dict[str, Any], now: float) -> dict[str, Any]:
         """After patience_s at or over the patience level with no usual capture (the capture level out
@@ -963,7 +962,11 @@ class GuidanceEngine:
         if cfg.capture_check_slack is not None and not self._confirms_capture(now, level):
             self._steady_since = now                   # wait the whole time again
             return fields
-        self._capture(now, auto=True, best_achievable=True)
+        return self._auto_captured(fields, now, best_achievable=True)
+
+    def _auto_captured(self, fields: dict[str, Any], now: float, best_achievable: bool) -> dict[str, Any]:
+        """Save the auto-captured clip; the state fields now say so."""
+        self._capture(now, auto=True, best_achievable=best_achievable)
         fields.update(self._common_fields(), state="CAPTURED", instruction=self._captured_text, hold_progress=1.0)
         return fields
 
