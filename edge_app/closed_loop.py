@@ -461,12 +461,12 @@ class EvalConfig:
     wrong_way_sweep: tuple[float, ...] = (0.0, 0.2, 0.3)  # extra guided runs at these error rates
     sweep_episodes: int = 4            # per view, for each sweep value
     workers: int = 2
-    capture_margin: float | None = None   # engine override (None: EngineConfig's default)
+    engine: dict[str, Any] = field(default_factory=dict)   # EngineConfig overrides (margins); {}: its defaults
 
     def engine_config(self) -> Any:
         from edge_app.engine import EngineConfig
 
-        return EngineConfig() if self.capture_margin is None else EngineConfig(capture_margin=self.capture_margin)
+        return EngineConfig(**self.engine)
 
 
 def evaluate(cfg: EvalConfig, novice: NoviceParams, progress: bool = True) -> tuple[dict[str, Any], list[EpisodeResult]]:
@@ -687,6 +687,37 @@ def write_report(out_dir: Path, summary: dict[str, Any], results: list[EpisodeRe
     return report
 
 
+def _margin(option: str, text: str) -> float | dict[str, float]:
+    """One number, or VIEW=NUMBER for every view (the engine checks the views)."""
+    try:
+        if "=" not in text:
+            return float(text)
+        return {view.strip().upper(): float(value) for view, _, value in (p.partition("=") for p in text.split(","))}
+    except ValueError:
+        raise ValueError(f"bad {option} '{text}': one number, or VIEW=NUMBER for each view") from None
+
+
+def add_margin_options(parser: argparse.ArgumentParser) -> None:
+    """--capture-margin and --patience-margin, the same in every command that runs the engine."""
+    parser.add_argument("--capture-margin", default=None, metavar="M|VIEW=M,...",
+                        help="engine's auto-capture margin over the diagnostic threshold: one number, or one per view "
+                             "(PLAX=0.22,PSAX=0.2,...); default: the engine's")
+    parser.add_argument("--patience-margin", default=None, metavar="M|VIEW=M,...",
+                        help="margin of the engine's best-achievable capture (EngineConfig.patience_margin), the same "
+                             "forms; default: the engine's")
+
+
+def margin_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, float]]:
+    """The EngineConfig overrides the margin options ask for, checked here (bad values fail before any
+    episode runs, not in every worker)."""
+    from edge_app.engine import EngineConfig
+
+    given = {"capture_margin": args.capture_margin, "patience_margin": args.patience_margin}
+    overrides = {name: _margin("--" + name.replace("_", "-"), text) for name, text in given.items() if text is not None}
+    EngineConfig(**overrides).resolved()
+    return overrides
+
+
 def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     d, n = EvalConfig(), NoviceParams()
     parser.add_argument("--bundle", default=None,
@@ -704,9 +735,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
     parser.add_argument("--size-steps", type=float, nargs=3, default=list(n.size_steps), metavar=("SMALL", "MEDIUM", "LARGE"),
                         help="novice's step factor for the screen's small / medium / large move caption "
                              "(default 1 1 1: ignores it; 0.5 1 1.6: follows it)")
-    parser.add_argument("--capture-margin", type=float, default=None,
-                        help="engine's auto-capture margin over the diagnostic threshold, one for every view "
-                             "(default: the engine's, per view)")
+    add_margin_options(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--out", default=None, help="folder for the Markdown report, plots and JSON")
 
@@ -715,7 +744,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
             raise ValueError("--episodes must be at least 1")
         cfg = EvalConfig(bundle=args.bundle, precision=args.precision, episodes=args.episodes,
                          views=tuple(args.views), seed=args.seed, wrong_way_sweep=tuple(args.sweep),
-                         workers=args.workers, capture_margin=args.capture_margin)
+                         workers=args.workers, engine=margin_overrides(args))
         novice = NoviceParams(wrong_way_p=args.wrong_way, give_up_s=args.give_up,
                               size_steps=tuple(args.size_steps))
         summary, results = evaluate(cfg, novice, progress=not args.json)

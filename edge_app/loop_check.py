@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from devices.labels import VIEWS
-from edge_app.closed_loop import (OUTCOMES, POLICIES, Job, NoviceParams, environment, make_starts, run_jobs,
-                                  target_views)
+from edge_app.closed_loop import (OUTCOMES, POLICIES, Job, NoviceParams, add_margin_options, environment, make_starts,
+                                  margin_overrides, run_jobs, target_views)
 
 # The figures of the README: seeds 1-10 and 16-25 held out, 11-15 where engine settings were chosen.
 DEFAULT_SEEDS = "1-10,16-25"
@@ -127,17 +127,6 @@ def format_paired(p: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _margin(option: str, text: str) -> float | dict[str, float]:
-    """--capture-margin, --patience-margin: one number, or VIEW=NUMBER for every view (the engine
-    checks the views)."""
-    try:
-        if "=" not in text:
-            return float(text)
-        return {view.strip().upper(): float(value) for view, _, value in (p.partition("=") for p in text.split(","))}
-    except ValueError:
-        raise ValueError(f"bad {option} '{text}': one number, or VIEW=NUMBER for each view") from None
-
-
 def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -151,12 +140,7 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
                         help="episodes per target view and seed (half near, half far)")
     parser.add_argument("--views", nargs="+", default=list(VIEWS), help="target views")
     parser.add_argument("--policy", default="guided", choices=list(POLICIES), help="who moves the probe")
-    parser.add_argument("--capture-margin", default=None, metavar="M|VIEW=M,...",
-                        help="engine's auto-capture margin: one number, or one per view (PLAX=0.22,PSAX=0.2,...); "
-                             "default: the engine's")
-    parser.add_argument("--patience-margin", default=None, metavar="M|VIEW=M,...",
-                        help="margin of the engine's best-achievable capture (EngineConfig.patience_margin), the same "
-                             "forms; default: the engine's")
+    add_margin_options(parser)
     parser.add_argument("--give-up", type=float, default=NoviceParams().give_up_s,
                         help="time limit per episode (simulated s)")
     parser.add_argument("--workers", type=int, default=2, help="processes")
@@ -175,11 +159,7 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"--against {args.against}: not a file written by `pocus eval check --out` "
                                  f"({exc})") from None
-        given = {"capture_margin": args.capture_margin, "patience_margin": args.patience_margin}
-        margins = {name: _margin("--" + name.replace("_", "-"), text)
-                   for name, text in given.items() if text is not None}
-        engine = EngineConfig(**margins)
-        engine.resolved()                     # bad settings fail here, not in every worker
+        engine = EngineConfig(**margin_overrides(args))
         seeds = parse_seeds(args.seeds)
         novice = NoviceParams(give_up_s=args.give_up)
         rows = run_check(seeds, args.episodes, args.views, args.policy, args.bundle, args.precision, engine, novice,

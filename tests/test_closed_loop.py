@@ -224,16 +224,22 @@ def test_report_renders(tmp_path):
 
 def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     cmd = [sys.executable, "-m", "edge_app.cli", "eval", "guidance"]
+    margins = "PLAX=0.2,PSAX=0.2,A4C=0.3,A2C=0.2,SC4C=0.2"       # the same forms as `pocus eval check`
     r = subprocess.run(cmd + ["--bundle", "truth", "--episodes", "1", "--views", "A4C", "--sweep", "--give-up", "4",
-                              "--workers", "1", "--json", "--out", str(tmp_path / "r")],
+                              "--workers", "1", "--json", "--out", str(tmp_path / "r"), "--capture-margin", margins,
+                              "--patience-margin", "0.1"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(summary["policies"]) == {"guided", "oracle", "unguided"}
+    engine = summary["config"]["engine"]
+    assert engine["capture_margin"]["A4C"] == 0.3 and engine["patience_margin"] == 0.1
     assert summary["environment"]["onnxruntime"] and summary["environment"]["numpy"] == np.__version__
     assert (tmp_path / "r" / "report.md").is_file()
-    r = subprocess.run(cmd + ["--views", "XYZ"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "unknown view 'XYZ'" in r.stderr and "Traceback" not in r.stderr
+    for bad, message in ((["--views", "XYZ"], "unknown view 'XYZ'"), (["--capture-margin", "A4C=0.2"], "capture_margin per view"),
+                         (["--patience-margin", "x"], "bad --patience-margin")):
+        r = subprocess.run(cmd + bad, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
     poses = [sys.executable, "-m", "edge_app.cli", "eval", "poses", "--out", str(tmp_path / "p.npz")]
     r = subprocess.run(poses + ["--seed", "12"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "--seed must be 0-9" in r.stderr and "Traceback" not in r.stderr
