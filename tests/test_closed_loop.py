@@ -236,7 +236,8 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     assert engine["capture_margin"]["A4C"] == 0.3 and engine["patience_margin"] == 0.1
     assert summary["environment"]["onnxruntime"] and summary["environment"]["numpy"] == np.__version__
     assert (tmp_path / "r" / "report.md").is_file()
-    for bad, message in ((["--views", "XYZ"], "unknown view 'XYZ'"), (["--capture-margin", "A4C=0.2"], "capture_margin per view"),
+    for bad, message in ((["--views", "XYZ"], "unknown view 'XYZ'"),
+                         (["--capture-margin", "A4C=0.2"], "capture_margin per view"),
                          (["--patience-margin", "x"], "bad --patience-margin")):
         r = subprocess.run(cmd + bad, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
