@@ -698,13 +698,19 @@ def _margin(option: str, text: str) -> float | dict[str, float]:
 
 
 def add_margin_options(parser: argparse.ArgumentParser) -> None:
-    """--capture-margin and --patience-margin, the same in every command that runs the engine."""
+    """--capture-margin, --patience-margin and --blind-dark-fraction, the same in every command that runs
+    the engine."""
     parser.add_argument("--capture-margin", default=None, metavar="M|VIEW=M,...",
                         help="engine's auto-capture margin over the diagnostic threshold: one number, or one per view "
                              "(PLAX=0.22,PSAX=0.2,...); default: the engine's")
     parser.add_argument("--patience-margin", default=None, metavar="M|VIEW=M,...",
                         help="margin of the engine's best-achievable capture (EngineConfig.patience_margin), the same "
                              "forms; default: the engine's")
+    parser.add_argument("--blind-dark-fraction", default=None, metavar="F|off",
+                        help="dark share at which a frame counts as blind (rib or lung shadow): the instruction "
+                             "says 'No heart in view' and, for all views but PSAX, the arrow follows the largest "
+                             "predicted slide, tilt or rock offset (EngineConfig.blind_dark_fraction, "
+                             "window_first_views); 'off' keeps the action head's; default: the engine's")
 
 
 def margin_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, float]]:
@@ -713,7 +719,13 @@ def margin_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, fl
     from edge_app.engine import EngineConfig
 
     given = {"capture_margin": args.capture_margin, "patience_margin": args.patience_margin}
-    overrides = {name: _margin("--" + name.replace("_", "-"), text) for name, text in given.items() if text is not None}
+    overrides: dict = {name: _margin("--" + name.replace("_", "-"), text) for name, text in given.items() if text is not None}
+    blind = getattr(args, "blind_dark_fraction", None)
+    if blind is not None:
+        try:
+            overrides["blind_dark_fraction"] = None if blind.strip().lower() == "off" else float(blind)
+        except ValueError:
+            raise ValueError(f"bad --blind-dark-fraction '{blind}': a number in (0, 1] or 'off'") from None
     EngineConfig(**overrides).resolved()
     return overrides
 

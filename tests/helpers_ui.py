@@ -290,7 +290,8 @@ class FakeEngine:
 
 
 def icon_states(image: np.ndarray, target: str = "A4C") -> list[FakeState]:
-    """One state per thing the instruction icon can show: every action, hold, captured, searching, unavailable."""
+    """One state per thing the instruction icon can show: every action, hold, captured, searching, unavailable,
+    and an arrow over a black (blind) image."""
     common = dict(image=image, target=target, view=target, view_confidence=0.8, quality=0.3, fps=30.0,
                   source_name="scripted", model_name="oracle", precision="fp32")
     out = [FakeState(state="GUIDING", available=True, reasons=(), action=a, instruction=ACTION_TEXT[a],
@@ -304,6 +305,11 @@ def icon_states(image: np.ndarray, target: str = "A4C") -> list[FakeState]:
                                      "nipple, marker to the patient's left", **{**common, "view": OTHER}))
     out.append(FakeState(state="NO_SIGNAL", available=False, reasons=("frozen image",), action=None,
                          instruction="Guidance unavailable: frozen image", **common))
+    from edge_app.engine import NO_HEART_IN_VIEW
+    blind = ACTION_TEXT["TILT_AWAY"]     # a blind frame (rib shadow): the move that finds the window first
+    out.append(FakeState(state="GUIDING", available=True, reasons=(), action="TILT_AWAY", magnitude=1.0,
+                         instruction=NO_HEART_IN_VIEW + blind[0].lower() + blind[1:],
+                         frame_index=1, **{**common, "image": np.zeros_like(image), "view": OTHER, "quality": 0.0}))
     return out
 
 

@@ -11,6 +11,7 @@ import pytest
 from devices.labels import ACTIONS, HOLD, HOLD_RADIUS, POSE_SCALE, VIEW_RADIUS, move_size
 from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, episode_outcome, headline_table,
                                   make_starts, run_episode, summarize, wilson_interval, write_report)
+from edge_app.engine import EngineConfig
 from helpers_engine import make_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,16 +108,20 @@ def test_a_novice_lost_without_instructions_starts_again_on_the_window():
     target = np.asarray(SimulatedProbe(patient_seed=start.patient_seed, realtime=False).target_pose("A4C"))
     away = replace(start, pose=tuple(np.asarray(start.pose) + [80.0, 0.0, 0.0, 0.0, 0.0]))   # 8 cm off
     on_window = lambda p: abs(p[1] - target[0]) <= 25.0 and abs(p[2] - target[1]) <= 25.0  # noqa: E731
+    # 8 cm off the window the frames are dark: without this the engine would show the pose head's
+    # window-first move (EngineConfig.blind_dark_fraction) and the novice would follow it, not be lost.
+    no_window_first = EngineConfig(blind_dark_fraction=None)
     for policy in ("guided", "unguided"):
         r = run_episode(away, policy, Lost(), replace(FAST, restart_after_s=3.0, give_up_s=6.0),
-                        keep_trajectory=True)
+                        engine_config=no_window_first, keep_trajectory=True)
         lifts = [p[0] for p in r.trajectory if p[1] is None]          # the probe was lifted here
         assert lifts and 3.0 <= lifts[0] < 3.5, policy
         placed = [p for p in r.trajectory if p[1] is not None]
         before, after = [p for p in placed if p[0] < lifts[0]], [p for p in placed if p[0] > lifts[0]]
         assert before and not any(on_window(p) for p in before), policy
         assert after and all(on_window(p) for p in after), policy
-    stay = run_episode(away, "guided", Lost(), replace(FAST, restart_after_s=0.0, give_up_s=6.0), keep_trajectory=True)
+    stay = run_episode(away, "guided", Lost(), replace(FAST, restart_after_s=0.0, give_up_s=6.0),
+                       engine_config=no_window_first, keep_trajectory=True)
     assert not any(on_window(p) for p in stay.trajectory)
 
 
@@ -227,18 +232,21 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     margins = "PLAX=0.2,PSAX=0.2,A4C=0.3,A2C=0.2,SC4C=0.2"       # the same forms as `pocus eval check`
     r = subprocess.run(cmd + ["--bundle", "truth", "--episodes", "1", "--views", "A4C", "--sweep", "--give-up", "4",
                               "--workers", "1", "--json", "--out", str(tmp_path / "r"), "--capture-margin", margins,
-                              "--patience-margin", "0.1"],
+                              "--patience-margin", "0.1", "--blind-dark-fraction", "off"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(summary["policies"]) == {"guided", "oracle", "unguided"}
     engine = summary["config"]["engine"]
     assert engine["capture_margin"]["A4C"] == 0.3 and engine["patience_margin"] == 0.1
+    assert engine["blind_dark_fraction"] is None
     assert summary["environment"]["onnxruntime"] and summary["environment"]["numpy"] == np.__version__
     assert (tmp_path / "r" / "report.md").is_file()
     for bad, message in ((["--views", "XYZ"], "unknown view 'XYZ'"),
                          (["--capture-margin", "A4C=0.2"], "capture_margin per view"),
-                         (["--patience-margin", "x"], "bad --patience-margin")):
+                         (["--patience-margin", "x"], "bad --patience-margin"),
+                         (["--blind-dark-fraction", "2"], "blind_dark_fraction must be in (0, 1]"),
+                         (["--blind-dark-fraction", "dark"], "bad --blind-dark-fraction")):
         r = subprocess.run(cmd + bad, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
     poses = [sys.executable, "-m", "edge_app.cli", "eval", "poses", "--out", str(tmp_path / "p.npz")]

@@ -6,7 +6,8 @@ import pytest
 
 from devices.base import Frame
 from devices.labels import ACTION_TEXT, ACTIONS
-from edge_app.engine import EngineConfig, GuidanceEngine, GuidanceState, ModelOutput
+from edge_app.engine import (NO_HEART_IN_VIEW, EngineConfig, GuidanceEngine, GuidanceState, ModelOutput,
+                             window_first_probs)
 from helpers_engine import (FakeClock, ScriptedPredictor, checkerboard_image, lung_image, make_output,
                             noise_image, texture_image, us_image)
 
@@ -159,6 +160,39 @@ def test_far_from_any_view_a_confident_model_still_shows_the_way():
     assert (s.state, s.action, s.available) == ("GUIDING", "SLIDE_HEAD", True)
 
 
+def test_a_blind_frame_shows_the_window_first_move_not_the_action_heads_guess():
+    """Over rib or lung shadow (a near-black frame) the action head's "rotate" is a guess; the arrow
+    follows the largest predicted slide, tilt or rock offset instead, which brings the heart into view."""
+    out = make_output("OTHER", 0.9, quality=0.02, action="ROTATE_CW", distance=5.0, action_conf=0.8)
+    pose = np.array(out.pose_offset)
+    pose[:, 3] = -2.0                             # tilt away; rotation (5.0) is still the largest offset
+    out = replace(out, pose_offset=pose)
+    dark = np.zeros((96, 96), np.uint8)
+    dark[:6, 33:63] = 120                         # the skin line only: 98 % dark
+    blind = Feeder(make_engine(out)[0]).run(1.0, image=lambda t: dark.copy())[-1]
+    assert (blind.action, blind.instruction) == ("TILT_AWAY", NO_HEART_IN_VIEW + "tilt the beam away from the marker side")
+    off = Feeder(make_engine(out, blind_dark_fraction=None)[0]).run(1.0, image=lambda t: dark.copy())[-1]
+    assert (off.action, off.instruction) == ("ROTATE_CW", ACTION_TEXT["ROTATE_CW"])
+    seen = Feeder(make_engine(out)[0]).run(1.0)[-1]                             # tissue in view: the model's move
+    assert (seen.action, seen.instruction) == ("ROTATE_CW", ACTION_TEXT["ROTATE_CW"])
+    psax = make_engine(out)[0]                     # not in window_first_views: the model's move, said why
+    psax.set_target("PSAX")
+    s = Feeder(psax).run(1.0, image=lambda t: dark.copy())[-1]
+    rotate = ACTION_TEXT["ROTATE_CW"]
+    assert (s.target, s.action, s.instruction) == ("PSAX", "ROTATE_CW", NO_HEART_IN_VIEW + rotate[0].lower() + rotate[1:])
+
+
+def test_window_first_probs_pick_the_largest_non_rotation_offset_per_view():
+    pose = np.zeros((5, 5))
+    pose[0] = [0.5, -1.0, 9.0, 0.2, 0.0]          # rotation is largest, then slide right
+    pose[1] = [0.0, 0.0, 0.0, 0.0, 2.0]           # rock toward the marker
+    pose[2] = [-3.0, 0.0, 0.0, 2.0, 0.0]          # slide toward the feet
+    probs = window_first_probs(pose)
+    assert [ACTIONS[a] for a in probs.argmax(1)[:3]] == ["SLIDE_RIGHT", "ROCK_MARKER", "SLIDE_FEET"]
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    assert probs.max() == pytest.approx(0.9)
+
+
 def test_hold_with_poor_quality_turns_into_a_fine_correction_then_holds_again():
     """The model says 'at the target' but quality stays under the capture level: after hold_stuck_s
     one correction along the largest predicted pose offset, for one dwell time, then HOLD again."""
@@ -299,6 +333,11 @@ def test_config_validation():
         EngineConfig(reversals=0).resolved()
     with pytest.raises(ValueError, match="capture_check_slack"):
         EngineConfig(capture_check_slack=1.5).resolved()
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="blind_dark_fraction"):
+            EngineConfig(blind_dark_fraction=bad).resolved()
+    with pytest.raises(ValueError, match="window_first_views"):
+        EngineConfig(window_first_views=("PLAX", "LUNG")).resolved()
 
 
 def test_an_instruction_that_keeps_reversing_gives_way_to_the_next_best_axis():

@@ -69,7 +69,7 @@ def icons(tmp_path_factory):
     """Every icon the instruction can show, on a 1920x1080 screen (scripted: one state per shot)."""
     out = tmp_path_factory.mktemp("ui_icons")
     proc = run_app(out, "--engine", "icons", "--source", "fake", size="1920x1080", exit_after_s=None,
-                   every_s=0.3, env={"POCUS_UI_EXIT_AFTER_SHOTS": "14"})
+                   every_s=0.3, env={"POCUS_UI_EXIT_AFTER_SHOTS": "15"})
     return _ok(proc), load_shots(out)
 
 
@@ -260,6 +260,15 @@ def test_arrows_point_the_right_way(icons):
         icon = crop(rgb, info["rects"]["icon"])
         ax, _ = _centroid(color_mask(icon, COLORS["arrow"], tol=25))
         assert (ax - icon.shape[1] / 2) * side > 5, f"{name} swings to the wrong side"
+
+
+def test_blind_frame_shows_the_move_over_the_black_image_and_says_why(icons):
+    from edge_app.engine import NO_HEART_IN_VIEW
+    rgb, info = icons[1][-1]     # icon_states' last state: an arrow on a blind (all black) frame
+    assert info["display"]["banner"].startswith(NO_HEART_IN_VIEW)
+    icon = crop(rgb, info["rects"]["icon"])
+    assert color_mask(icon, COLORS["arrow"], tol=25).mean() > 0.02, "no arrow drawn on the blind frame"
+    assert crop(rgb, info["rects"]["image"]).mean() < 10, "the black frame is not what the image shows"
 
 
 def test_big_screen_layout_fits_and_does_not_overlap(icons):
