@@ -437,6 +437,11 @@ class EngineConfig:
         return out
 
 
+def with_reason(prefix: str, instruction: str) -> str:
+    """An instruction led by why it is given ("Nearly there: slide ..."), read as one sentence."""
+    return prefix + instruction[0].lower() + instruction[1:]
+
+
 # Share of the action probability a blind frame gives the window-first move (EngineConfig.blind_dark_fraction).
 WINDOW_FIRST_PROB = 0.9
 WINDOW_AXES = (0, 1, 3, 4)     # slide head/feet, slide left/right, tilt, rock: not rotation
@@ -944,9 +949,9 @@ class GuidanceEngine:
             name, a = ("HOLD", HOLD) if quality >= level else self._hold_or_fine_correction(pose, now)
         action, text = ACTIONS[a], ACTION_TEXT[ACTIONS[a]]
         if name == "GUIDING" and quality >= cfg.quality_threshold:
-            text = NEARLY_THERE + text[0].lower() + text[1:]     # diagnostic already: say why it goes on
+            text = with_reason(NEARLY_THERE, text)       # diagnostic already: say why it goes on
         elif name == "GUIDING" and blind:
-            text = NO_HEART_IN_VIEW + text[0].lower() + text[1:]  # so a black screen with an arrow makes sense
+            text = with_reason(NO_HEART_IN_VIEW, text)   # so a black screen with an arrow makes sense
         if now < self._captured_until:
             name, text = "CAPTURED", self._captured_text
         fields.update(state=name, available=True, reasons=(), action=action, instruction=text,

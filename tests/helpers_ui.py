@@ -305,10 +305,9 @@ def icon_states(image: np.ndarray, target: str = "A4C") -> list[FakeState]:
                                      "nipple, marker to the patient's left", **{**common, "view": OTHER}))
     out.append(FakeState(state="NO_SIGNAL", available=False, reasons=("frozen image",), action=None,
                          instruction="Guidance unavailable: frozen image", **common))
-    from edge_app.engine import NO_HEART_IN_VIEW
-    blind = ACTION_TEXT["TILT_AWAY"]     # a blind frame (rib shadow): the move that finds the window first
+    from edge_app.engine import NO_HEART_IN_VIEW, with_reason
     out.append(FakeState(state="GUIDING", available=True, reasons=(), action="TILT_AWAY", magnitude=1.0,
-                         instruction=NO_HEART_IN_VIEW + blind[0].lower() + blind[1:],
+                         instruction=with_reason(NO_HEART_IN_VIEW, ACTION_TEXT["TILT_AWAY"]),
                          frame_index=1, **{**common, "image": np.zeros_like(image), "view": OTHER, "quality": 0.0}))
     return out
 
