@@ -252,27 +252,29 @@ def make_starts(views: list[str], episodes_per_view: int, seed: int, near_share:
     """Deterministic starts, on held-out patients by default (patients first_patient + 1000 x seed
     onwards; `pocus eval poses` passes the training split's base).
 
+    A start depends on its view's place in VIEWS, not in `views`: a run on some views draws the
+    same starts as the all-view run of the same seed, so the two pair episode by episode.
     "near": the target pose plus N(0, 1) normalized units per axis (about 1 cm and 10 deg off);
     "far": anywhere on the target's acoustic window (+-25 mm, rotation +-90 deg, tilt/rock +-25 deg
     around one of the window's view targets): where a novice who knows the window puts the probe.
     """
     from devices.sim import SimulatedProbe
 
-    if len(views) * episodes_per_view > 1000:
-        raise ValueError(f"at most 1000 episodes per policy and seed, got {len(views)} views x {episodes_per_view}")
+    if len(VIEWS) * episodes_per_view > 1000:
+        raise ValueError(f"at most {1000 // len(VIEWS)} episodes per view and seed (patients are numbered "
+                         f"per view within 1000 per seed), got {episodes_per_view}")
     rng = np.random.default_rng(seed)
+    noise_seeds = [int(rng.integers(2**31)) for _ in range(len(VIEWS) * episodes_per_view)]
     starts = []
-    for v, view in enumerate(views):
+    for view in views:
+        v = VIEWS.index(view)
         for e in range(episodes_per_view):
-            patient_seed = first_patient + seed * 1000 + v * episodes_per_view + e
-            probe = SimulatedProbe(patient_seed=patient_seed, realtime=False)
+            n = v * episodes_per_view + e
+            probe = SimulatedProbe(patient_seed=first_patient + seed * 1000 + n, realtime=False)
             kind = "near" if e < round(episodes_per_view * near_share) else "far"
-            episode_rng = np.random.default_rng([seed, v, e])
-            if kind == "near":
-                pose = probe.sample_pose(episode_rng, "near", view=view)
-            else:
-                pose = probe.sample_pose(episode_rng, "window", view=view)
-            starts.append(Start(patient_seed, view, kind, tuple(float(x) for x in pose), int(rng.integers(2**31))))
+            pose = probe.sample_pose(np.random.default_rng([seed, v, e]), "near" if kind == "near" else "window",
+                                     view=view)
+            starts.append(Start(probe.patient.seed, view, kind, tuple(float(x) for x in pose), noise_seeds[n]))
     return starts
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.labels import ACTIONS, HOLD, HOLD_RADIUS, POSE_SCALE, VIEW_RADIUS, move_size
+from devices.labels import ACTIONS, HOLD, HOLD_RADIUS, POSE_SCALE, VIEW_RADIUS, VIEWS, move_size
 from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, episode_outcome, headline_table,
                                   make_starts, run_episode, summarize, wilson_interval, write_report)
 from edge_app.engine import EngineConfig
@@ -33,6 +33,15 @@ def test_starts_are_deterministic_and_on_held_out_patients():
     assert all(s.patient_seed >= 30000 for s in a)          # training / val / test use seeds < 30000
     assert [s.kind for s in a[:4]] == ["near", "near", "far", "far"]
     assert make_starts(["A4C"], 2, seed=4) != make_starts(["A4C"], 2, seed=3)
+
+
+def test_a_run_on_some_views_draws_the_starts_of_the_all_view_run():
+    every = make_starts(list(VIEWS), 3, seed=2)
+    some = make_starts(["SC4C", "PSAX"], 3, seed=2)
+    assert some == [s for s in every if s.target == "SC4C"] + [s for s in every if s.target == "PSAX"]
+    assert len({s.patient_seed for s in every}) == len(every)
+    with pytest.raises(ValueError, match="episodes per view"):
+        make_starts(["PSAX"], 1000 // len(VIEWS) + 1, seed=0)
 
 
 def test_episode_is_deterministic_for_a_fixed_seed():
