@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from devices.base import EndOfStream, Frame, Source
-from devices.labels import ACTION_TEXT, ACTIONS, HOLD, OTHER, QUALITY_DIAGNOSTIC, VIEW_RADIUS, VIEWS
+from devices.labels import ACTION_TEXT, ACTIONS, HOLD, HOLD_RADIUS_MIN, OTHER, QUALITY_DIAGNOSTIC, VIEW_RADIUS, VIEWS
 from edge_app import safety
 from edge_app.protocol import WINDOW_HINT, resolve_protocol, resolve_view
 from edge_app.smoothing import ActionSelector, TimeEMA
@@ -337,7 +337,8 @@ class EngineConfig:
             rock offset had the right sign 79 % of the time (seed 41, 2.2 k blind frames), and those
             moves are the ones that bring the heart back into view (find the window, then the plane).
             So a blind frame's action probabilities are replaced by that move
-            (`window_first_probs`) before smoothing. 0.9 is the "probe over lung" share the frozen
+            (`window_first_probs`) before smoothing, unless that offset is under HOLD_RADIUS_MIN
+            (then the pose head names no way and the action head's row stays). 0.9 is the "probe over lung" share the frozen
             check already uses; on guided frames it marks truly blind ones (visible heart < 0.05)
             with precision 0.84 and recall 0.83 (seed 47, 15 k frames; README findings for the
             closed loop).
@@ -447,17 +448,22 @@ WINDOW_FIRST_PROB = 0.9
 WINDOW_AXES = (0, 1, 3, 4)     # slide head/feet, slide left/right, tilt, rock: not rotation
 
 
-def window_first_probs(pose_offset: np.ndarray) -> np.ndarray:
+def window_first_probs(pose_offset: np.ndarray, action_probs: np.ndarray) -> np.ndarray:
     """Action probabilities [V, A] for a blind frame: per target view, WINDOW_FIRST_PROB on the move
     along the largest predicted slide, tilt or rock offset (pose_offset [V, 5], normalized), the rest
     spread evenly. Rotation is left out: with no heart in the image its sign is a guess, and turning
-    the probe in place rarely brings the heart into view."""
+    the probe in place rarely brings the heart into view. A view whose largest such offset is under
+    HOLD_RADIUS_MIN keeps its action_probs row: a pose head with nothing left to correct on those
+    axes names no way to the window, and a confident arrow from it would be a guess."""
     pose = np.asarray(pose_offset, dtype=np.float64)
     axes = np.asarray(WINDOW_AXES)
     axis = axes[np.argmax(np.abs(pose[:, axes]), axis=1)]
-    action = 2 * axis + (pose[np.arange(len(pose)), axis] < 0)
+    rows = np.arange(len(pose))
+    action = 2 * axis + (pose[rows, axis] < 0)
     probs = np.full((len(pose), len(ACTIONS)), (1.0 - WINDOW_FIRST_PROB) / (len(ACTIONS) - 1))
-    probs[np.arange(len(pose)), action] = WINDOW_FIRST_PROB
+    probs[rows, action] = WINDOW_FIRST_PROB
+    no_way = np.abs(pose[rows, axis]) < HOLD_RADIUS_MIN
+    probs[no_way] = np.asarray(action_probs, dtype=np.float64)[no_way]
     return probs
 
 
@@ -896,7 +902,7 @@ class GuidanceEngine:
         """A blind frame's action probabilities: the window-first move for the views that use it."""
         rows = [i for i, view in enumerate(self.views) if view in self.config.window_first_views]
         probs = np.array(out.action_probs, dtype=np.float64)
-        probs[rows] = window_first_probs(np.asarray(out.pose_offset)[rows])
+        probs[rows] = window_first_probs(np.asarray(out.pose_offset)[rows], probs[rows])
         return probs
 
     def _decide(self, frame: Frame, now: float, out: ModelOutput | None, signal: tuple[str, ...],

@@ -182,15 +182,19 @@ def test_a_blind_frame_shows_the_window_first_move_not_the_action_heads_guess():
     assert (s.target, s.action, s.instruction) == ("PSAX", "ROTATE_CW", NO_HEART_IN_VIEW + rotate[0].lower() + rotate[1:])
 
 
-def test_window_first_probs_pick_the_largest_non_rotation_offset_per_view():
+def test_window_first_probs_pick_the_largest_non_rotation_offset_per_view_or_keep_the_action_head():
     pose = np.zeros((5, 5))
     pose[0] = [0.5, -1.0, 9.0, 0.2, 0.0]          # rotation is largest, then slide right
     pose[1] = [0.0, 0.0, 0.0, 0.0, 2.0]           # rock toward the marker
     pose[2] = [-3.0, 0.0, 0.0, 2.0, 0.0]          # slide toward the feet
-    probs = window_first_probs(pose)
+    pose[3] = [0.2, -0.1, -6.0, 0.25, 0.0]        # only rotation is off: no way to the window
+    action_head = np.full((5, len(ACTIONS)), 1.0 / len(ACTIONS))
+    action_head[3] = np.eye(len(ACTIONS))[ACTIONS.index("ROTATE_CCW")]
+    probs = window_first_probs(pose, action_head)
     assert [ACTIONS[a] for a in probs.argmax(1)[:3]] == ["SLIDE_RIGHT", "ROCK_MARKER", "SLIDE_FEET"]
     np.testing.assert_allclose(probs.sum(1), 1.0)
-    assert probs.max() == pytest.approx(0.9)
+    assert probs[:3].max(1) == pytest.approx([0.9] * 3)
+    np.testing.assert_array_equal(probs[3:], action_head[3:])   # rows 3-4: the action head's own
 
 
 def test_hold_with_poor_quality_turns_into_a_fine_correction_then_holds_again():
