@@ -261,7 +261,7 @@ class EngineConfig:
             at 0.22, 386 / 11 with PSAX at 0.20 and 359 / 10 at 0.24 (PSAX 0.22); PSAX at 0.20
             was the better point there, but held out it cost 20 false captures of 400 PSAX
             episodes (0.22: 7), so every view is at 0.22 (per-view picks from 100 episodes did
-            not carry over before, README findings; this choice saw held-out figures). With the
+            not carry over before, docs/eval/findings.md; this choice saw held-out figures). With the
             best-achievable capture (patience_s) the margin is 0.24 for every view: on seeds 11-15
             it gave 387 / 14 against 375 / 14 for 0.22 without it (0.22 with it: 401 / 19), chosen
             there before the held-out run. Seeds 1-10 and 16-25 (2000 episodes): README. The model
@@ -340,7 +340,7 @@ class EngineConfig:
             (`window_first_probs`) before smoothing, unless that offset is under HOLD_RADIUS_MIN
             (then the pose head names no way and the action head's row stays). 0.9 is the "probe over lung" share the frozen
             check already uses; on guided frames it marks truly blind ones (visible heart < 0.05)
-            with precision 0.84 and recall 0.83 (seed 47, 15 k frames; README findings for the
+            with precision 0.84 and recall 0.83 (seed 47, 15 k frames; docs/eval/findings.md for the
             closed loop).
         window_first_views: the target views whose arrow follows that move on a blind frame. Not
             PSAX: its far starts lie around the PLAX target, a quarter turn away, and there the
