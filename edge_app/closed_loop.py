@@ -700,8 +700,8 @@ def _margin(option: str, text: str) -> float | dict[str, float]:
 
 
 def add_margin_options(parser: argparse.ArgumentParser) -> None:
-    """--capture-margin, --patience-margin and --blind-dark-fraction, the same in every command that runs
-    the engine."""
+    """--capture-margin, --patience-margin, --blind-dark-fraction and --capture-check-slack, the same in
+    every command that runs the engine."""
     parser.add_argument("--capture-margin", default=None, metavar="M|VIEW=M,...",
                         help="engine's auto-capture margin over the diagnostic threshold: one number, or one per view "
                              "(PLAX=0.22,PSAX=0.2,...); default: the engine's")
@@ -713,6 +713,10 @@ def add_margin_options(parser: argparse.ArgumentParser) -> None:
                              "says 'No heart in view' and, for all views but PSAX, the arrow follows the largest "
                              "predicted slide, tilt or rock offset (EngineConfig.blind_dark_fraction, "
                              "window_first_views); 'off' keeps the action head's; default: the engine's")
+    parser.add_argument("--capture-check-slack", default=None, metavar="S|off",
+                        help="how far under the capture level the model's worst rating of hold frames under small "
+                             "image changes may be (EngineConfig.capture_check_slack); 'off' captures without that "
+                             "check; default: the engine's. Chosen for an earlier model: check it again for a new one")
 
 
 def margin_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, float]]:
@@ -722,12 +726,13 @@ def margin_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, fl
 
     given = {"capture_margin": args.capture_margin, "patience_margin": args.patience_margin}
     overrides: dict = {name: _margin("--" + name.replace("_", "-"), text) for name, text in given.items() if text is not None}
-    blind = getattr(args, "blind_dark_fraction", None)
-    if blind is not None:
-        try:
-            overrides["blind_dark_fraction"] = None if blind.strip().lower() == "off" else float(blind)
-        except ValueError:
-            raise ValueError(f"bad --blind-dark-fraction '{blind}': a number in (0, 1] or 'off'") from None
+    for name in ("blind_dark_fraction", "capture_check_slack"):
+        text = getattr(args, name, None)
+        if text is not None:
+            try:
+                overrides[name] = None if text.strip().lower() == "off" else float(text)
+            except ValueError:
+                raise ValueError(f"bad --{name.replace('_', '-')} '{text}': a number or 'off'") from None
     EngineConfig(**overrides).resolved()
     return overrides
 

@@ -241,21 +241,24 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     margins = "PLAX=0.2,PSAX=0.2,A4C=0.3,A2C=0.2,SC4C=0.2"       # the same forms as `pocus eval check`
     r = subprocess.run(cmd + ["--bundle", "truth", "--episodes", "1", "--views", "A4C", "--sweep", "--give-up", "4",
                               "--workers", "1", "--json", "--out", str(tmp_path / "r"), "--capture-margin", margins,
-                              "--patience-margin", "0.1", "--blind-dark-fraction", "off"],
+                              "--patience-margin", "0.1", "--blind-dark-fraction", "off",
+                              "--capture-check-slack", "off"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(summary["policies"]) == {"guided", "oracle", "unguided"}
     engine = summary["config"]["engine"]
     assert engine["capture_margin"]["A4C"] == 0.3 and engine["patience_margin"] == 0.1
-    assert engine["blind_dark_fraction"] is None
+    assert engine["blind_dark_fraction"] is None and engine["capture_check_slack"] is None
     assert summary["environment"]["onnxruntime"] and summary["environment"]["numpy"] == np.__version__
     assert (tmp_path / "r" / "report.md").is_file()
     for bad, message in ((["--views", "XYZ"], "unknown view 'XYZ'"),
                          (["--capture-margin", "A4C=0.2"], "capture_margin per view"),
                          (["--patience-margin", "x"], "bad --patience-margin"),
                          (["--blind-dark-fraction", "2"], "blind_dark_fraction must be in (0, 1]"),
-                         (["--blind-dark-fraction", "dark"], "bad --blind-dark-fraction")):
+                         (["--blind-dark-fraction", "dark"], "bad --blind-dark-fraction"),
+                         (["--capture-check-slack", "1.5"], "capture_check_slack must be in [0, 1]"),
+                         (["--capture-check-slack", "loose"], "bad --capture-check-slack")):
         r = subprocess.run(cmd + bad, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
     poses = [sys.executable, "-m", "edge_app.cli", "eval", "poses", "--out", str(tmp_path / "p.npz")]
