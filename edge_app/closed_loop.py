@@ -699,9 +699,9 @@ def _margin(option: str, text: str) -> float | dict[str, float]:
         raise ValueError(f"bad {option} '{text}': one number, or VIEW=NUMBER for each view") from None
 
 
-def add_margin_options(parser: argparse.ArgumentParser) -> None:
-    """--capture-margin, --patience-margin, --blind-dark-fraction and --capture-check-slack, the same in
-    every command that runs the engine."""
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The engine settings a closed-loop run may override (margins, blind-frame level, capture check,
+    arrow confidence, reversal block), the same in every command that runs the engine."""
     parser.add_argument("--capture-margin", default=None, metavar="M|VIEW=M,...",
                         help="engine's auto-capture margin over the diagnostic threshold: one number, or one per view "
                              "(PLAX=0.22,PSAX=0.2,...); default: the engine's")
@@ -717,10 +717,16 @@ def add_margin_options(parser: argparse.ArgumentParser) -> None:
                         help="how far under the capture level the model's worst rating of hold frames under small "
                              "image changes may be (EngineConfig.capture_check_slack); 'off' captures without that "
                              "check; default: the engine's. Chosen for an earlier model: check it again for a new one")
+    parser.add_argument("--min-action-confidence", type=float, default=None, metavar="P",
+                        help="far from any view, the smoothed probability of the best action at which the arrow is "
+                             "still shown (EngineConfig.min_action_confidence); default: the engine's")
+    parser.add_argument("--reversal-block", type=float, default=None, metavar="S",
+                        help="seconds an axis whose instruction keeps reversing is set aside; 0 turns it off "
+                             "(EngineConfig.reversal_block_s); default: the engine's")
 
 
-def margin_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, float]]:
-    """The EngineConfig overrides the margin options ask for, checked here (bad values fail before any
+def engine_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, float]]:
+    """The EngineConfig overrides the engine options ask for, checked here (bad values fail before any
     episode runs, not in every worker)."""
     from edge_app.engine import EngineConfig
 
@@ -733,6 +739,10 @@ def margin_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, fl
                 overrides[name] = None if text.strip().lower() == "off" else float(text)
             except ValueError:
                 raise ValueError(f"bad --{name.replace('_', '-')} '{text}': a number or 'off'") from None
+    for option, name in (("min_action_confidence", "min_action_confidence"), ("reversal_block", "reversal_block_s")):
+        value = getattr(args, option, None)
+        if value is not None:
+            overrides[name] = value
     EngineConfig(**overrides).resolved()
     return overrides
 
@@ -754,7 +764,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
     parser.add_argument("--size-steps", type=float, nargs=3, default=list(n.size_steps), metavar=("SMALL", "MEDIUM", "LARGE"),
                         help="novice's step factor for the screen's small / medium / large move caption "
                              "(default 1 1 1: ignores it; 0.5 1 1.6: follows it)")
-    add_margin_options(parser)
+    add_engine_options(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--out", default=None, help="folder for the Markdown report, plots and JSON")
 
@@ -763,7 +773,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
             raise ValueError("--episodes must be at least 1")
         cfg = EvalConfig(bundle=args.bundle, precision=args.precision, episodes=args.episodes,
                          views=tuple(args.views), seed=args.seed, wrong_way_sweep=tuple(args.sweep),
-                         workers=args.workers, engine=margin_overrides(args))
+                         workers=args.workers, engine=engine_overrides(args))
         novice = NoviceParams(wrong_way_p=args.wrong_way, give_up_s=args.give_up,
                               size_steps=tuple(args.size_steps))
         summary, results = evaluate(cfg, novice, progress=not args.json)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from devices.labels import VIEWS
-from edge_app.closed_loop import (OUTCOMES, POLICIES, Job, NoviceParams, add_margin_options, environment, make_starts,
-                                  margin_overrides, run_jobs, target_views)
+from edge_app.closed_loop import (OUTCOMES, POLICIES, Job, NoviceParams, add_engine_options, environment, make_starts,
+                                  engine_overrides, run_jobs, target_views)
 
 # The figures of the README: seeds 1-10 and 16-25 held out, 11-15 where engine settings were chosen.
 DEFAULT_SEEDS = "1-10,16-25"
@@ -140,7 +140,7 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
                         help="episodes per target view and seed (half near, half far)")
     parser.add_argument("--views", nargs="+", default=list(VIEWS), help="target views")
     parser.add_argument("--policy", default="guided", choices=list(POLICIES), help="who moves the probe")
-    add_margin_options(parser)
+    add_engine_options(parser)
     parser.add_argument("--give-up", type=float, default=NoviceParams().give_up_s,
                         help="time limit per episode (simulated s)")
     parser.add_argument("--workers", type=int, default=2, help="processes")
@@ -159,7 +159,7 @@ def configure_check(parser: argparse.ArgumentParser) -> Callable[[argparse.Names
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"--against {args.against}: not a file written by `pocus eval check --out` "
                                  f"({exc})") from None
-        engine = EngineConfig(**margin_overrides(args))
+        engine = EngineConfig(**engine_overrides(args))
         seeds = parse_seeds(args.seeds)
         novice = NoviceParams(give_up_s=args.give_up)
         rows = run_check(seeds, args.episodes, args.views, args.policy, args.bundle, args.precision, engine, novice,

@@ -242,7 +242,8 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     r = subprocess.run(cmd + ["--bundle", "truth", "--episodes", "1", "--views", "A4C", "--sweep", "--give-up", "4",
                               "--workers", "1", "--json", "--out", str(tmp_path / "r"), "--capture-margin", margins,
                               "--patience-margin", "0.1", "--blind-dark-fraction", "off",
-                              "--capture-check-slack", "off"],
+                              "--capture-check-slack", "off", "--min-action-confidence", "0.25",
+                              "--reversal-block", "0"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -250,6 +251,7 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     engine = summary["config"]["engine"]
     assert engine["capture_margin"]["A4C"] == 0.3 and engine["patience_margin"] == 0.1
     assert engine["blind_dark_fraction"] is None and engine["capture_check_slack"] is None
+    assert engine["min_action_confidence"] == 0.25 and engine["reversal_block_s"] == 0
     assert summary["environment"]["onnxruntime"] and summary["environment"]["numpy"] == np.__version__
     assert (tmp_path / "r" / "report.md").is_file()
     for bad, message in ((["--views", "XYZ"], "unknown view 'XYZ'"),
@@ -258,7 +260,9 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
                          (["--blind-dark-fraction", "2"], "blind_dark_fraction must be in (0, 1]"),
                          (["--blind-dark-fraction", "dark"], "bad --blind-dark-fraction"),
                          (["--capture-check-slack", "1.5"], "capture_check_slack must be in [0, 1]"),
-                         (["--capture-check-slack", "loose"], "bad --capture-check-slack")):
+                         (["--capture-check-slack", "loose"], "bad --capture-check-slack"),
+                         (["--min-action-confidence", "1.2"], "min_action_confidence must be in [0, 1]"),
+                         (["--reversal-block", "-1"], "reversal_block_s must be >= 0")):
         r = subprocess.run(cmd + bad, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
     poses = [sys.executable, "-m", "edge_app.cli", "eval", "poses", "--out", str(tmp_path / "p.npz")]
