@@ -720,12 +720,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-action-confidence", type=float, default=None, metavar="P",
                         help="far from any view, the smoothed probability of the best action at which the arrow is "
                              "still shown (EngineConfig.min_action_confidence); default: the engine's")
-    parser.add_argument("--reversal-block", type=float, default=None, metavar="S",
+    parser.add_argument("--reversal-block", type=float, default=None, metavar="S", dest="reversal_block_s",
                         help="seconds an axis whose instruction keeps reversing is set aside; 0 turns it off "
                              "(EngineConfig.reversal_block_s); default: the engine's")
 
 
-def engine_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, float]]:
+def engine_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, float] | None]:
     """The EngineConfig overrides the engine options ask for, checked here (bad values fail before any
     episode runs, not in every worker)."""
     from edge_app.engine import EngineConfig
@@ -733,16 +733,14 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, fl
     given = {"capture_margin": args.capture_margin, "patience_margin": args.patience_margin}
     overrides: dict = {name: _margin("--" + name.replace("_", "-"), text) for name, text in given.items() if text is not None}
     for name in ("blind_dark_fraction", "capture_check_slack"):
-        text = getattr(args, name, None)
+        text = getattr(args, name)
         if text is not None:
             try:
                 overrides[name] = None if text.strip().lower() == "off" else float(text)
             except ValueError:
                 raise ValueError(f"bad --{name.replace('_', '-')} '{text}': a number or 'off'") from None
-    for option, name in (("min_action_confidence", "min_action_confidence"), ("reversal_block", "reversal_block_s")):
-        value = getattr(args, option, None)
-        if value is not None:
-            overrides[name] = value
+    overrides.update({name: getattr(args, name) for name in ("min_action_confidence", "reversal_block_s")
+                      if getattr(args, name) is not None})
     EngineConfig(**overrides).resolved()
     return overrides
 
