@@ -689,14 +689,21 @@ def write_report(out_dir: Path, summary: dict[str, Any], results: list[EpisodeRe
     return report
 
 
-def _margin(option: str, text: str) -> float | dict[str, float]:
-    """One number, or VIEW=NUMBER for every view (the engine checks the views)."""
+def _number(word: str, off_ok: bool) -> float | None:
+    """A number; with off_ok also 'off' (None: the feature off). Raises ValueError."""
+    return None if off_ok and word.strip().lower() == "off" else float(word)
+
+
+def _per_view_option(option: str, text: str, off_ok: bool = False) -> float | None | dict[str, float | None]:
+    """One number, or VIEW=NUMBER for every view (the engine checks the views); with off_ok, 'off'
+    may stand for a number (that view, or every view, turns the feature off)."""
     try:
         if "=" not in text:
-            return float(text)
-        return {view.strip().upper(): float(value) for view, _, value in (p.partition("=") for p in text.split(","))}
+            return _number(text, off_ok)
+        return {view.strip().upper(): _number(word, off_ok) for view, _, word in (p.partition("=") for p in text.split(","))}
     except ValueError:
-        raise ValueError(f"bad {option} '{text}': one number, or VIEW=NUMBER for each view") from None
+        forms = "a number or 'off'" if off_ok else "one number"
+        raise ValueError(f"bad {option} '{text}': {forms}, or VIEW=... for each view") from None
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -713,10 +720,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                              "says 'No heart in view' and, for all views but PSAX, the arrow follows the largest "
                              "predicted slide, tilt or rock offset (EngineConfig.blind_dark_fraction, "
                              "window_first_views); 'off' keeps the action head's; default: the engine's")
-    parser.add_argument("--capture-check-slack", default=None, metavar="S|off",
+    parser.add_argument("--capture-check-slack", default=None, metavar="S|off|VIEW=S|off,...",
                         help="how far under the capture level the model's worst rating of hold frames under small "
                              "image changes may be (EngineConfig.capture_check_slack); 'off' captures without that "
-                             "check; default: the engine's. Chosen for an earlier model: check it again for a new one")
+                             "check; one value, or one per view (PLAX=off,PSAX=0.03,...); default: the engine's. "
+                             "Chosen for an earlier model: check it again for a new one")
     parser.add_argument("--min-action-confidence", type=float, default=None, metavar="P",
                         help="far from any view, the smoothed probability of the best action at which the arrow is "
                              "still shown (EngineConfig.min_action_confidence); default: the engine's")
@@ -730,15 +738,14 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, float | dict[str, fl
     episode runs, not in every worker)."""
     from edge_app.engine import EngineConfig
 
-    given = {"capture_margin": args.capture_margin, "patience_margin": args.patience_margin}
-    overrides: dict = {name: _margin("--" + name.replace("_", "-"), text) for name, text in given.items() if text is not None}
-    for name in ("blind_dark_fraction", "capture_check_slack"):
-        text = getattr(args, name)
-        if text is not None:
-            try:
-                overrides[name] = None if text.strip().lower() == "off" else float(text)
-            except ValueError:
-                raise ValueError(f"bad --{name.replace('_', '-')} '{text}': a number or 'off'") from None
+    per_view = {"capture_margin": False, "patience_margin": False, "capture_check_slack": True}
+    overrides: dict = {name: _per_view_option("--" + name.replace("_", "-"), getattr(args, name), off_ok)
+                       for name, off_ok in per_view.items() if getattr(args, name) is not None}
+    if args.blind_dark_fraction is not None:
+        try:
+            overrides["blind_dark_fraction"] = _number(args.blind_dark_fraction, off_ok=True)
+        except ValueError:
+            raise ValueError(f"bad --blind-dark-fraction '{args.blind_dark_fraction}': a number or 'off'") from None
     overrides.update({name: getattr(args, name) for name in ("min_action_confidence", "reversal_block_s")
                       if getattr(args, name) is not None})
     EngineConfig(**overrides).resolved()

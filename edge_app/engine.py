@@ -293,7 +293,8 @@ class EngineConfig:
             gives ground truth its 94 % back but the model nothing (seeds 1-3: 199 / 3 false
             captures vs 203 / 3), so the block applies everywhere.
         capture_check_slack: None (off) or how far under the capture level (0.865 -> 0.835) the
-            model's worst ratings may be: when the hold is complete, the model also rates three
+            model's worst ratings may be; one value, or one per view (None for a view: that target
+            captures without the check): when the hold is complete, the model also rates three
             frames of the hold under seven small image changes (safety.perturbations); the mean of
             their worst ratings must reach capture level - slack, else the hold starts again.
             Costs ~9 ms per frame checked (27 ms once per completed hold) on the 2-core CPU.
@@ -382,7 +383,7 @@ class EngineConfig:
     reversal_block_s: float = 5.0
     reversal_window_s: float = 6.0
     reversals: int = 2
-    capture_check_slack: float | None = 0.03
+    capture_check_slack: float | None | Mapping[str, float | None] = 0.03
     patience_s: float | None = PATIENCE_S
     patience_margin: float | Mapping[str, float] = field(default_factory=lambda: dict(PATIENCE_MARGINS))
     blind_dark_fraction: float | None = safety.FROZEN_MAX_DARK_FRACTION
@@ -395,6 +396,10 @@ class EngineConfig:
     def patience_level(self, view: str) -> float:
         """Smoothed quality the best-achievable capture waits at (patience_s), for this target."""
         return self.quality_threshold + _for_view(self.patience_margin, view)
+
+    def check_slack(self, view: str) -> float | None:
+        """The capture check's slack for this target; None: captures without the check."""
+        return _for_view(self.capture_check_slack, view)
 
     def resolved(self, manifest: Mapping[str, Any] | None = None) -> "EngineConfig":
         """A validated copy with None thresholds filled from `manifest['thresholds']` or defaults.
@@ -416,8 +421,9 @@ class EngineConfig:
         for name in ("latency_budget_ms", "reversal_window_s", "reversals"):
             if not getattr(out, name) > 0:
                 raise ValueError(f"engine setting {name} must be > 0, got {getattr(out, name)}")
-        out.capture_margin = _per_view_margins("capture_margin", out.capture_margin)
-        out.patience_margin = _per_view_margins("patience_margin", out.patience_margin)
+        out.capture_margin = _per_view_setting("capture_margin", out.capture_margin)
+        out.patience_margin = _per_view_setting("patience_margin", out.patience_margin)
+        out.capture_check_slack = _per_view_setting("capture_check_slack", out.capture_check_slack, off_ok=True)
         if out.patience_s is not None and not out.patience_s > 0:
             raise ValueError(f"engine setting patience_s must be > 0 or None, got {out.patience_s}")
         if out.blind_dark_fraction is not None and not 0.0 < out.blind_dark_fraction <= 1.0:
@@ -427,9 +433,6 @@ class EngineConfig:
         if not set(out.window_first_views) <= set(VIEWS):
             raise ValueError(f"engine setting window_first_views must name views of {', '.join(VIEWS)}, got "
                              f"{', '.join(out.window_first_views)}")
-        if out.capture_check_slack is not None and not 0.0 <= out.capture_check_slack <= 1.0:
-            raise ValueError(f"engine setting capture_check_slack must be in [0, 1] or None, got "
-                             f"{out.capture_check_slack}")
         for name in ("quality_threshold", "min_confidence", "min_action_confidence", "hysteresis"):
             if not 0.0 <= getattr(out, name) <= 1.0:
                 raise ValueError(f"engine setting {name} must be in [0, 1], got {getattr(out, name)}")
@@ -467,19 +470,21 @@ def window_first_probs(pose_offset: np.ndarray, action_probs: np.ndarray) -> np.
     return probs
 
 
-def _for_view(margin: float | Mapping[str, float], view: str) -> float:
-    """A margin setting's value for one view (before `resolved`, it may still be one number)."""
+def _for_view(margin: float | None | Mapping[str, float | None], view: str) -> float | None:
+    """A per-view setting's value for one view (before `resolved`, it may still be one number)."""
     return margin[view] if isinstance(margin, Mapping) else margin
 
 
-def _per_view_margins(name: str, margin: float | Mapping[str, float]) -> dict[str, float]:
-    """A margin setting as one value per view (one number: the same for every view), validated."""
+def _per_view_setting(name: str, margin: float | None | Mapping[str, float | None],
+                      off_ok: bool = False) -> dict[str, float | None]:
+    """A per-view setting as one value per view (one number: the same for every view), validated;
+    with off_ok a value may be None (that view turns the feature off)."""
     out = dict(margin) if isinstance(margin, Mapping) else dict.fromkeys(VIEWS, margin)
     if set(out) != set(VIEWS):
         raise ValueError(f"engine setting {name} per view needs exactly the views {', '.join(VIEWS)}, got "
                          f"{', '.join(map(str, out))}")
-    if not all(0.0 <= m <= 1.0 for m in out.values()):
-        raise ValueError(f"engine setting {name} must be in [0, 1], got {margin}")
+    if not all((m is None and off_ok) or (m is not None and 0.0 <= m <= 1.0) for m in out.values()):
+        raise ValueError(f"engine setting {name} must be in [0, 1]{' or None' if off_ok else ''}, got {margin}")
     return out
 
 
@@ -1008,7 +1013,7 @@ class GuidanceEngine:
                           instruction=NOT_CLEAR_YET.format(view=self._target) if self._unclear
                           else f"Hold still: recording the {self._target} clip")
             return fields
-        if cfg.capture_check_slack is not None and not self._confirms_capture(now, level):
+        if not self._confirms_capture(now, level):
             self._good_since, self._unclear = now, True       # hold again, and say why
             fields.update(hold_progress=0.0, instruction=NOT_CLEAR_YET.format(view=self._target))
             return fields
@@ -1029,7 +1034,7 @@ class GuidanceEngine:
             self._steady_since = now
         if now - self._steady_since < cfg.patience_s:
             return fields
-        if cfg.capture_check_slack is not None and not self._confirms_capture(now, level):
+        if not self._confirms_capture(now, level):
             self._steady_since = now                   # wait the whole time again
             return fields
         return self._auto_captured(fields, now, best_achievable=True)
@@ -1042,14 +1047,18 @@ class GuidanceEngine:
 
     def _confirms_capture(self, now: float, level: float) -> bool:
         """Worst quality over safety.perturbations, averaged over the first, middle and last frame
-        of the hold, reaches `level` - capture_check_slack (see EngineConfig)."""
+        of the hold, reaches `level` - the target's capture_check_slack (see EngineConfig); True
+        where the check is off for the target."""
         cfg = self.config
+        slack = cfg.check_slack(self._target)
+        if slack is None:
+            return True
         t = self.views.index(self._target)
         hold = [img for img, ts, _ in self._ring if ts >= now - cfg.capture_hold_s]
         picks = [hold[i] for i in np.linspace(0, len(hold) - 1, 3).round().astype(int)] if hold else []
         score = np.mean([min(float(self.predictor.predict(p).quality[t]) for p in safety.perturbations(img))
                          for img in picks]) if picks else 0.0
-        return score >= level - cfg.capture_check_slack
+        return score >= level - slack
 
     # -- captures -----------------------------------------------------------------------------
     def _capture(self, now: float, auto: bool, best_achievable: bool = False) -> Capture:

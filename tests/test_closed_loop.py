@@ -1,4 +1,5 @@
 """Closed-loop evaluation: the simulated novice, episodes through the real engine, metrics, report."""
+import argparse
 import json
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 
 from devices.labels import ACTIONS, HOLD, HOLD_RADIUS, POSE_SCALE, VIEW_RADIUS, VIEWS, move_size
-from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, episode_outcome, headline_table,
-                                  make_starts, run_episode, summarize, wilson_interval, write_report)
+from edge_app.closed_loop import (EpisodeResult, Novice, NoviceParams, TruthPredictor, add_engine_options,
+                                  engine_overrides, episode_outcome, headline_table, make_starts, run_episode,
+                                  summarize, wilson_interval, write_report)
 from edge_app.engine import EngineConfig
 from helpers_engine import make_output
 
@@ -236,13 +238,35 @@ def test_report_renders(tmp_path):
     assert len((tmp_path / "eval" / "episodes.jsonl").read_text().splitlines()) == len(SCRIPTED)
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([], {}),
+    (["--capture-check-slack", "off"], {"capture_check_slack": None}),
+    (["--capture-check-slack", "0.05"], {"capture_check_slack": 0.05}),
+    (["--capture-check-slack", "plax=OFF,PSAX=0.03,A4C=off,A2C=0.03,SC4C=0.03", "--capture-margin", "0.2"],
+     {"capture_check_slack": {"PLAX": None, "PSAX": 0.03, "A4C": None, "A2C": 0.03, "SC4C": 0.03},
+      "capture_margin": 0.2}),
+])
+def test_engine_options_become_engine_settings(argv, expected):
+    """One value or one per view; 'off' turns the capture check off (every view, or one)."""
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    overrides = engine_overrides(parser.parse_args(argv))
+    assert overrides == expected
+    resolved = EngineConfig(**overrides).resolved()
+    slack = expected.get("capture_check_slack", EngineConfig.capture_check_slack)
+    assert {v: resolved.check_slack(v) for v in VIEWS} == (slack if isinstance(slack, dict) else dict.fromkeys(VIEWS, slack))
+    with pytest.raises(ValueError, match="bad --capture-margin 'PLAX=off"):
+        engine_overrides(parser.parse_args(["--capture-margin", "PLAX=off"]))
+
+
 def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     cmd = [sys.executable, "-m", "edge_app.cli", "eval", "guidance"]
     margins = "PLAX=0.2,PSAX=0.2,A4C=0.3,A2C=0.2,SC4C=0.2"       # the same forms as `pocus eval check`
     r = subprocess.run(cmd + ["--bundle", "truth", "--episodes", "1", "--views", "A4C", "--sweep", "--give-up", "4",
                               "--workers", "1", "--json", "--out", str(tmp_path / "r"), "--capture-margin", margins,
                               "--patience-margin", "0.1", "--blind-dark-fraction", "off",
-                              "--capture-check-slack", "off", "--min-action-confidence", "0.25",
+                              "--capture-check-slack", "PLAX=off,PSAX=0.05,A4C=off,A2C=0,SC4C=0.03",
+                              "--min-action-confidence", "0.25",
                               "--reversal-block", "0"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -250,7 +274,8 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
     assert set(summary["policies"]) == {"guided", "oracle", "unguided"}
     engine = summary["config"]["engine"]
     assert engine["capture_margin"]["A4C"] == 0.3 and engine["patience_margin"] == 0.1
-    assert engine["blind_dark_fraction"] is None and engine["capture_check_slack"] is None
+    assert engine["blind_dark_fraction"] is None
+    assert engine["capture_check_slack"] == {"PLAX": None, "PSAX": 0.05, "A4C": None, "A2C": 0, "SC4C": 0.03}
     assert engine["min_action_confidence"] == 0.25 and engine["reversal_block_s"] == 0
     assert summary["environment"]["onnxruntime"] and summary["environment"]["numpy"] == np.__version__
     assert (tmp_path / "r" / "report.md").is_file()
@@ -261,6 +286,7 @@ def test_cli_runs_end_to_end_and_rejects_bad_input(tmp_path):
                          (["--blind-dark-fraction", "dark"], "bad --blind-dark-fraction"),
                          (["--capture-check-slack", "1.5"], "capture_check_slack must be in [0, 1]"),
                          (["--capture-check-slack", "loose"], "bad --capture-check-slack"),
+                         (["--capture-check-slack", "PLAX=off"], "capture_check_slack per view"),
                          (["--min-action-confidence", "1.2"], "min_action_confidence must be in [0, 1]"),
                          (["--reversal-block", "-1"], "reversal_block_s must be >= 0")):
         r = subprocess.run(cmd + bad, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from devices.base import Frame
-from devices.labels import ACTION_TEXT, ACTIONS
+from devices.labels import ACTION_TEXT, ACTIONS, VIEWS
 from edge_app.engine import (NO_HEART_IN_VIEW, EngineConfig, GuidanceEngine, GuidanceState, ModelOutput,
                              window_first_probs)
 from helpers_engine import (FakeClock, ScriptedPredictor, checkerboard_image, lung_image, make_output,
@@ -335,8 +335,9 @@ def test_config_validation():
         EngineConfig(reversal_block_s=-1).resolved()
     with pytest.raises(ValueError, match="reversals"):
         EngineConfig(reversals=0).resolved()
-    with pytest.raises(ValueError, match="capture_check_slack"):
-        EngineConfig(capture_check_slack=1.5).resolved()
+    for bad in (1.5, {"A4C": None}, {**dict.fromkeys(VIEWS, None), "PLAX": -0.1}):
+        with pytest.raises(ValueError, match="capture_check_slack"):
+            EngineConfig(capture_check_slack=bad).resolved()
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="blind_dark_fraction"):
             EngineConfig(blind_dark_fraction=bad).resolved()
@@ -365,10 +366,12 @@ def test_an_instruction_that_keeps_reversing_gives_way_to_the_next_best_axis():
     assert shown(reversal_block_s=0.0) == [{"ROTATE_CW"}, {"ROTATE_CCW"}, {"ROTATE_CW"}, {"ROTATE_CCW"}]
 
 
-@pytest.mark.parametrize("perturbed_quality, captured", [(0.95, True), (0.5, False)])
-def test_capture_check_needs_quality_that_holds_under_small_image_changes(perturbed_quality, captured):
+@pytest.mark.parametrize("perturbed_quality, check_off_for, captured",
+                         [(0.95, (), True), (0.5, (), False), (0.5, ("A4C",), True), (0.5, ("PLAX", "PSAX"), False)])
+def test_capture_check_needs_quality_that_holds_under_small_image_changes(perturbed_quality, check_off_for, captured):
     """With capture_check_slack set (the default), a hold at the capture level captures only if the model's
-    quality stays up on shifted, zoomed, brighter ... copies of frames from the hold."""
+    quality stays up on shifted, zoomed, brighter ... copies of frames from the hold; a view whose slack
+    is None (per view) captures without the check, the others keep it."""
     fed = []
 
     def image(t):
@@ -379,7 +382,7 @@ def test_capture_check_needs_quality_that_holds_under_small_image_changes(pertur
         seen = any(img is f for f in fed[-60:])
         return make_output("A4C", 0.95, quality=0.95 if seen else perturbed_quality, action="HOLD")
 
-    engine, pred = make_engine()
+    engine, pred = make_engine(capture_check_slack={v: None if v in check_off_for else 0.03 for v in VIEWS})
     pred.script = script
     states = Feeder(engine).run(4.0, image=image)
     assert bool(states[-1].captures) == captured
