@@ -253,7 +253,7 @@ def test_engine_options_become_engine_settings(argv, expected):
     overrides = engine_overrides(parser.parse_args(argv))
     assert overrides == expected
     resolved = EngineConfig(**overrides).resolved()
-    slack = expected.get("capture_check_slack", EngineConfig.capture_check_slack)
+    slack = expected.get("capture_check_slack", EngineConfig().capture_check_slack)
     assert {v: resolved.check_slack(v) for v in VIEWS} == (slack if isinstance(slack, dict) else dict.fromkeys(VIEWS, slack))
     with pytest.raises(ValueError, match="bad --capture-margin 'PLAX=off"):
         engine_overrides(parser.parse_args(["--capture-margin", "PLAX=off"]))

@@ -299,7 +299,7 @@ def test_best_achievable_capture_needs_the_capture_check_at_its_own_level():
         seen = any(img is f for f in fed[-60:])
         return make_output("A4C", 0.95, quality=0.78 if seen else 0.6, action="HOLD")
 
-    engine, pred = make_engine(smoothing_s=0.0, patience_s=2.0)
+    engine, pred = make_engine(smoothing_s=0.0, patience_s=2.0, capture_check_slack=0.03)   # A4C ships without it
     pred.script = script
     for i in range(int(8 * FPS)):
         fed.append(us_image(i / FPS))
