@@ -312,10 +312,10 @@ class EngineConfig:
             gave 368 / 7 on seeds 1-5 (1.4 %, over the 1 % target) and 0.82 gives 336 / 3 (0.6 %),
             so the level is 0.82. Per view since the grown model (findings, "the capture check per
             view"): off for PLAX and A4C, where on seeds 53-72 and the held-out seeds (1600
-            episodes of those views) it cost 15 successes and saved no false capture (fresh seeds 73-92, PLAX and A4C:
-            739 / 4 without it against 735 / 4); PSAX needs it most (without it: 295 / 25 against
-            278 / 10 held out) and a slack of 0 costs far more than it saves (dev 1578 / 37 against
-            1719 / 40).
+            episodes of those views) it cost 15 successes and saved no false capture (fresh seeds
+            73-92, PLAX and A4C: 739 / 4 without it against 735 / 4); PSAX needs it most (without
+            it: 295 / 25 against 278 / 10 held out) and a slack of 0 costs far more than it saves
+            (dev 1578 / 37 against 1719 / 40).
         hold_stuck_s: HOLD (the model says "at the target", or the quality reaches the capture level)
             this long without a capture -> one fine correction along the largest axis of the
             predicted pose offset, shown while the quality is under the capture level. The timer
@@ -479,21 +479,21 @@ def window_first_probs(pose_offset: np.ndarray, action_probs: np.ndarray) -> np.
     return probs
 
 
-def _for_view(margin: float | None | Mapping[str, float | None], view: str) -> float | None:
+def _for_view(value: float | None | Mapping[str, float | None], view: str) -> float | None:
     """A per-view setting's value for one view (before `resolved`, it may still be one number)."""
-    return margin[view] if isinstance(margin, Mapping) else margin
+    return value[view] if isinstance(value, Mapping) else value
 
 
-def _per_view_setting(name: str, margin: float | None | Mapping[str, float | None],
+def _per_view_setting(name: str, value: float | None | Mapping[str, float | None],
                       off_ok: bool = False) -> dict[str, float | None]:
     """A per-view setting as one value per view (one number: the same for every view), validated;
     with off_ok a value may be None (that view turns the feature off)."""
-    out = dict(margin) if isinstance(margin, Mapping) else dict.fromkeys(VIEWS, margin)
+    out = dict(value) if isinstance(value, Mapping) else dict.fromkeys(VIEWS, value)
     if set(out) != set(VIEWS):
         raise ValueError(f"engine setting {name} per view needs exactly the views {', '.join(VIEWS)}, got "
                          f"{', '.join(map(str, out))}")
     if not all((m is None and off_ok) or (m is not None and 0.0 <= m <= 1.0) for m in out.values()):
-        raise ValueError(f"engine setting {name} must be in [0, 1]{' or None' if off_ok else ''}, got {margin}")
+        raise ValueError(f"engine setting {name} must be in [0, 1]{' or None' if off_ok else ''}, got {value}")
     return out
 
 
